@@ -1,0 +1,56 @@
+"""altgrad_jax: a JAX/Flax test bench for 8-bit floating-point transformer training.
+
+Names are resolved lazily (PEP 562) so that `import altgrad_jax` stays cheap and
+optional pieces (W&B, matplotlib) are imported only when used.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    # config
+    "TrainConfig": "config",
+    "MeshConfig": "config",
+    "ConfigError": "config",
+    "load_config": "config",
+    "save_config": "config",
+    "apply_overrides": "config",
+    # formats and quantization
+    "FORMATS": "formats",
+    "FloatFormat": "formats",
+    "get_format": "formats",
+    "quantize": "quantize",
+    # metrics
+    "compute_gradient_stats": "metrics",
+    "compute_stability_metrics": "metrics",
+    "gradient_cosine_similarity": "metrics",
+    # model and training
+    "GPT": "model",
+    "TrainState": "train_state",
+    "init_train_state": "train_state",
+    "make_train_step": "train_step",
+    "make_eval_step": "train_step",
+    # checkpoints
+    "CheckpointManager": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    # tracking
+    "LocalTracker": "tracking",
+    "WandbTracker": "tracking",
+    "check_alerts": "tracking",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'altgrad_jax' has no attribute {name!r}")
+    value = getattr(import_module(f"altgrad_jax.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
