@@ -1,0 +1,211 @@
+"""Metrics against independent NumPy float64 computations."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import tree_util
+
+from altgrad_jax.metrics import (
+    compute_gradient_stats,
+    compute_stability_metrics,
+    gradient_cosine_similarity,
+    layer_name,
+)
+
+THRESHOLD = 1e-8
+T32 = np.float32(THRESHOLD)  # the threshold as the float32 gradients see it
+
+
+def random_tree(seed: int) -> dict:
+    """Nested dicts and lists with the awkward leaves the metrics must get right."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0, loc=0.0):
+        return (loc + scale * rng.standard_normal(shape)).astype(np.float32)
+
+    at_threshold = np.array([T32, -T32, np.nextafter(T32, np.float32(0)),
+                             np.nextafter(T32, np.float32(1)), 0.0, 1.0], np.float32)
+    return {
+        "wte": {"embedding": normal(13, 8)},
+        "h": [
+            {"attn": {"kernel": normal(8, 24, scale=0.02)}, "ln_1": {"scale": np.zeros(8, np.float32)}},
+            {"attn": {"kernel": normal(8, 24, loc=0.5, scale=0.1)},
+             "ln_1": {"scale": normal(8, scale=1e-9)}},
+        ],
+        "at_threshold": at_threshold,
+        "mixed_dead": np.where(rng.random((7, 9)) < 0.3, normal(7, 9, scale=1e-9), normal(7, 9)),
+        # |mean| >> std: a naive E[g²] - E[g]² cancels to garbage here.
+        "offset": normal(257, scale=1e-3, loc=100.0),
+        "constant": np.full((3, 5), 0.75, np.float32),
+        "scalar": np.float32(-2.5),
+    }
+
+
+def numpy_stats(tree, threshold=THRESHOLD) -> dict:
+    expected, l2, linf, dead, snr = {}, [], [], [], []
+    for path, leaf in tree_util.tree_flatten_with_path(tree)[0]:
+        name = layer_name(path)
+        g = np.asarray(leaf, np.float64).reshape(-1)
+        std = g.std()
+        values = {
+            "grad_norm_l2": np.sqrt(np.sum(g * g)),
+            "grad_norm_linf": np.max(np.abs(g)),
+            "dead_neuron_frac": np.count_nonzero(np.abs(np.asarray(leaf)) < np.float32(threshold)) / g.size,
+            "grad_snr": abs(g.mean()) / std if std > 1e-10 else 0.0,
+        }
+        for metric, value in values.items():
+            expected[f"{metric}/{name}"] = value
+        l2.append(values["grad_norm_l2"])
+        linf.append(values["grad_norm_linf"])
+        dead.append(values["dead_neuron_frac"])
+        snr.append(values["grad_snr"])
+    expected |= {
+        "grad_norm_l2/mean": np.mean(l2), "grad_norm_l2/min": np.min(l2),
+        "grad_norm_linf/max": np.max(linf), "dead_neuron_frac/mean": np.mean(dead),
+        "grad_snr/mean": np.mean(snr), "grad_snr/min": np.min(snr),
+        "grad_norm": np.sqrt(np.sum(np.square(l2))),
+    }
+    return expected
+
+
+def assert_metrics_close(actual: dict, expected: dict, rtol=2e-5, atol=1e-12):
+    assert set(actual) == set(expected)
+    for name, value in expected.items():
+        assert jnp.shape(actual[name]) == (), name
+        np.testing.assert_allclose(np.asarray(actual[name], np.float64), value,
+                                   rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradient_stats_match_numpy(seed):
+    tree = random_tree(seed)
+    actual = jax.jit(compute_gradient_stats)(tree)
+    assert_metrics_close(actual, numpy_stats(tree))
+
+
+def test_gradient_stats_edge_leaves():
+    stats = jax.jit(compute_gradient_stats)(random_tree(0))
+    assert stats["grad_norm_l2/h/0/ln_1/scale"] == 0.0
+    assert stats["dead_neuron_frac/h/0/ln_1/scale"] == 1.0
+    assert stats["grad_snr/h/0/ln_1/scale"] == 0.0
+    assert stats["dead_neuron_frac/h/1/ln_1/scale"] == 1.0
+    # ±T and 0 are below or at it: only the values strictly below count (0, nextafter down).
+    assert stats["dead_neuron_frac/at_threshold"] == np.float32(2 / 6)
+    assert stats["grad_snr/constant"] == 0.0
+    assert stats["grad_snr/scalar"] == 0.0
+
+
+def test_dead_fraction_is_an_exact_count():
+    rng = np.random.default_rng(3)
+    n = 100_003
+    g = rng.standard_normal(n).astype(np.float32)
+    dead_idx = rng.choice(n, size=12_345, replace=False)
+    g[dead_idx] = rng.uniform(-0.99, 0.99, dead_idx.size).astype(np.float32) * T32
+    g[:5] = [T32, -T32, np.nextafter(T32, np.float32(0)), -np.nextafter(T32, np.float32(0)), 0.0]
+    frac = jax.jit(compute_gradient_stats)({"g": g})["dead_neuron_frac/g"]
+    count = np.count_nonzero(np.abs(g) < T32)
+    # The count survives the float32 fraction exactly (any other count is > 1 ulp away).
+    assert round(float(frac) * n) == count
+    np.testing.assert_allclose(float(frac), count / n, rtol=2e-7)
+
+
+def test_custom_threshold():
+    g = np.array([0.0, 0.05, -0.1, 0.2, -0.3], np.float32)
+    stats = jax.jit(compute_gradient_stats)({"g": g}, threshold=0.1)
+    assert float(stats["dead_neuron_frac/g"]) == np.float32(2 / 5)
+
+
+def test_jit_and_eager_agree():
+    tree = random_tree(5)
+    jitted = jax.jit(compute_gradient_stats)(tree)
+    eager = compute_gradient_stats(tree)
+    for name in jitted:
+        np.testing.assert_allclose(eager[name], jitted[name], rtol=1e-6, err_msg=name)
+    a, b = random_tree(6), random_tree(7)
+    jitted = jax.jit(gradient_cosine_similarity)(a, b)
+    eager = gradient_cosine_similarity(a, b)
+    for name in jitted:
+        np.testing.assert_allclose(eager[name], jitted[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_layer_names_from_key_paths():
+    class Pair(NamedTuple):
+        first: np.ndarray
+        second: np.ndarray
+
+    class Opaque:  # registered without keys: its children get FlattenedIndexKey
+        def __init__(self, children):
+            self.children = children
+
+    tree_util.register_pytree_node(Opaque, lambda o: (o.children, None), lambda _, c: Opaque(c))
+    tree = {"h": [{"attn": {"kernel": 1.0}}], "pair": Pair(2.0, 3.0), "opaque": Opaque([4.0, 5.0])}
+    assert layer_name((tree_util.DictKey(7), tree_util.SequenceKey(2))) == "7/2"
+    names = [layer_name(p) for p, _ in tree_util.tree_flatten_with_path(tree)[0]]
+    assert sorted(names) == sorted(["h/0/attn/kernel", "pair/first", "pair/second",
+                                    "opaque/0", "opaque/1"])
+
+
+def numpy_cosine(a, b) -> dict:
+    expected, cosines = {}, []
+    for (path, x), (_, y) in zip(tree_util.tree_flatten_with_path(a)[0], tree_util.tree_flatten_with_path(b)[0]):
+        x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+        norms = np.linalg.norm(x) * np.linalg.norm(y)
+        cos = float(x @ y / norms) if norms > 0 else 0.0
+        expected[f"grad_cos_sim/{layer_name(path)}"] = cos
+        cosines.append(cos)
+    return expected | {"grad_cos_sim/mean": np.mean(cosines), "grad_cos_sim/min": np.min(cosines)}
+
+
+def test_cosine_similarity_matches_numpy():
+    a = random_tree(1)
+    noise = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.5) * np.random.default_rng(2).standard_normal(np.shape(x)).astype(np.float32), a)
+    actual = jax.jit(gradient_cosine_similarity)(a, noise)
+    assert_metrics_close(actual, numpy_cosine(a, noise), rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_with_itself_negation_and_zero():
+    tree = random_tree(4)
+    same = jax.jit(gradient_cosine_similarity)(tree, tree)
+    negated = jax.jit(gradient_cosine_similarity)(tree, jax.tree.map(lambda x: -np.asarray(x), tree))
+    for name, value in same.items():
+        expected = 0.0 if name == "grad_cos_sim/h/0/ln_1/scale" else 1.0
+        if name in ("grad_cos_sim/mean", "grad_cos_sim/min"):
+            continue
+        assert float(value) == pytest.approx(expected, abs=1e-6), name
+        assert float(negated[name]) == pytest.approx(-expected, abs=1e-6), name
+    assert float(same["grad_cos_sim/min"]) == 0.0
+    assert float(negated["grad_cos_sim/min"]) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_cosine_rejects_mismatched_trees():
+    a = {"x": np.ones(3, np.float32), "y": [np.ones(2, np.float32)]}
+    with pytest.raises(ValueError, match="only in the first: \\['y/0'\\]"):
+        gradient_cosine_similarity(a, {"x": np.ones(3, np.float32), "z": [np.ones(2, np.float32)]})
+    with pytest.raises(ValueError, match="different containers"):
+        gradient_cosine_similarity(a, {"x": np.ones(3, np.float32), "y": (np.ones(2, np.float32),)})
+    with pytest.raises(ValueError, match="'y/0' has shape"):
+        gradient_cosine_similarity(a, {"x": np.ones(3, np.float32), "y": [np.ones(4, np.float32)]})
+
+
+def test_bad_gradient_trees_raise():
+    with pytest.raises(ValueError, match="no array leaves"):
+        compute_gradient_stats({})
+    with pytest.raises(ValueError, match="'step' has non-float dtype"):
+        compute_gradient_stats({"step": np.int32(3), "w": np.ones(2, np.float32)})
+
+
+def test_stability_counts():
+    params = {
+        "a": np.array([1.0, np.nan, np.inf, -np.inf, np.nan, 0.0], np.float32),
+        "b": [np.full((4, 4), np.nan, np.float32), np.ones(3, np.float32)],
+        "step": np.int32(7),
+    }
+    metrics = jax.jit(compute_stability_metrics)(params)
+    assert metrics["param_nan_count"].dtype == jnp.int32
+    assert int(metrics["param_nan_count"]) == 2 + 16
+    assert int(metrics["param_inf_count"]) == 2
+    clean = jax.jit(compute_stability_metrics)(random_tree(0))
+    assert int(clean["param_nan_count"]) == 0 and int(clean["param_inf_count"]) == 0
