@@ -1,0 +1,512 @@
+"""Training configuration: frozen dataclasses, loaded from YAML and validated on every change.
+
+Validation lives in `__post_init__`, so every way of building a config (constructor, YAML file,
+`key=value` overrides, `replace`) goes through the same checks. A bad value raises `ConfigError`
+with one line that names the field (or the file) and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, key or file; the message is one line naming it."""
+
+
+# Used until (or if) altgrad_jax.formats cannot be imported.
+_FALLBACK_FORMAT_NAMES = ("E5M2", "E4M3", "E3M4", "E0M7", "E1M6", "E2M5", "E6M1", "E7M0")
+UNQUANTIZED = "FP32"  # canonical layer format meaning "keep this layer in float32"
+_UNQUANTIZED_ALIASES = ("fp32", "none")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh for data parallelism."""
+
+    # Devices along the data axis: -1 = all devices; otherwise a positive count that must divide
+    # the device count (checked at run time, since the config does not know the machine).
+    data_parallel: int = -1
+
+    def __post_init__(self):
+        _coerce_fields(self, prefix="mesh.")
+        if self.data_parallel != -1 and self.data_parallel < 1:
+            raise ConfigError(
+                f"mesh.data_parallel: must be -1 (all devices) or >= 1, got {self.data_parallel!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a run needs; see configs/default.yaml for a documented example."""
+
+    # --- model (nanoGPT) ---
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block; must divide n_embd
+    n_embd: int = 384  # residual stream width
+    block_size: int = 256  # context length in tokens
+    vocab_size: int = 256  # token ids are in [0, vocab_size)
+    dropout: float = 0.0  # dropout probability in [0, 1)
+
+    # --- training ---
+    batch_size: int = 64  # sequences per step (global, across data-parallel devices)
+    learning_rate: float = 3e-4  # peak learning rate after warm-up
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio, in [0, 1]
+    max_steps: int = 5000  # optimizer steps in the run
+    warmup_steps: int = 100  # linear warm-up steps, 0 <= warmup_steps <= max_steps
+    grad_clip: float = 1.0  # global-norm gradient clipping; 0 disables it
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, >= 0
+    beta1: float = 0.9  # AdamW first-moment decay, in [0, 1)
+    beta2: float = 0.95  # AdamW second-moment decay, in [0, 1)
+
+    # --- quantization (simulated 8-bit floats) ---
+    use_fp8: bool = False  # quantize the linear layers; False = plain float32 training
+    fp8_format: str = "E5M2"  # default format name (a key of altgrad_jax.formats.FORMATS)
+    fp8_forward_format: str | None = None  # weights and activations; None -> fp8_format
+    fp8_backward_format: str | None = None  # gradients into layer inputs; None -> fp8_format
+    # fnmatch pattern on the layer name ("lm_head", "h/*/mlp/*") -> format name, or "FP32"/"none"
+    # for a layer left unquantized. First matching pattern wins; it sets both directions.
+    fp8_layer_formats: dict[str, str] = field(default_factory=dict)
+    quantize_activations: bool = True  # also quantize layer inputs (weights always are)
+    quantize_gradients: bool = True  # quantize gradients flowing back into layer inputs
+    use_shadow: bool = False  # also compute float32 gradients each step and compare them
+    amax_history_len: int = 16  # steps of |x| maxima kept for delayed scaling, >= 1
+    fp8_amax_margin: float = 1.05  # scale uses margin * max(history); >= 1 leaves headroom
+    fp8_hardware_gemm: bool = False  # real float8 dot (Hopper GPUs) instead of simulation
+
+    # --- checkpointing ---
+    checkpoint_interval: int = 100  # save every this many steps
+    checkpoint_dir: str | None = None  # None -> <out_dir>/checkpoints
+    max_checkpoints: int = 3  # most recent checkpoints kept
+
+    # --- stability monitoring ---
+    nan_patience: int = 10  # consecutive non-finite losses before the run stops, >= 1
+    bit_stall_threshold: float = 0.5  # alert when this fraction of weights stops changing
+    overflow_threshold: float = 0.01  # alert when this fraction of values saturates
+    dead_neuron_threshold: float = 1e-8  # |gradient| below this counts as dead, >= 0
+    dead_neuron_window: int = 100  # steps a dead fraction must persist before alerting
+    alert_wait_seconds: float = 300.0  # minimum seconds between repeats of one alert
+
+    # --- logging and evaluation ---
+    log_interval: int = 1  # log metrics every this many steps
+    eval_interval: int = 100  # evaluate on the validation split every this many steps
+    eval_iters: int = 10  # validation batches per evaluation
+
+    # --- Weights & Biases ---
+    project: str = "altgrad"  # W&B project name
+    run_name: str | None = None  # W&B run name; None lets W&B choose
+    tags: tuple[str, ...] = ()  # W&B tags (a YAML list of strings)
+    wandb_mode: str | None = None  # None = auto (online with an API key, else offline), or
+    #                                "online", "offline", "disabled"
+
+    # --- run ---
+    data: str = "pystdlib"  # dataset spec passed to altgrad_jax.data.load_dataset
+    out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints
+    seed: int = 42  # root PRNG seed, in [0, 2**32)
+
+    # --- devices ---
+    mesh: MeshConfig = field(default_factory=MeshConfig)  # see MeshConfig
+
+    def __post_init__(self):
+        _coerce_fields(self, prefix="")
+        _check_ranges(self)
+
+    def __hash__(self):  # the dict field would make the generated hash fail
+        return hash(tuple(
+            frozenset(value.items()) if isinstance(value, dict) else value
+            for value in (getattr(self, f.name) for f in dataclasses.fields(self))))
+
+    @property
+    def checkpoint_path(self) -> str:
+        """The checkpoint directory: checkpoint_dir, or <out_dir>/checkpoints."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        return os.path.join(self.out_dir, "checkpoints")
+
+    def forward_format_for(self, layer_name: str) -> str | None:
+        """Format for a layer's weights and activations; None = not quantized."""
+        if not self.use_fp8:
+            return None
+        return self._format_for(layer_name, self.fp8_forward_format)
+
+    def backward_format_for(self, layer_name: str) -> str | None:
+        """Format for the gradients flowing back into a layer's input; None = not quantized."""
+        if not self.use_fp8 or not self.quantize_gradients:
+            return None
+        return self._format_for(layer_name, self.fp8_backward_format)
+
+    def _format_for(self, layer_name: str, direction_format: str | None) -> str | None:
+        for pattern, name in self.fp8_layer_formats.items():
+            if fnmatch.fnmatchcase(layer_name, pattern):
+                return None if name == UNQUANTIZED else name
+        return direction_format or self.fp8_format
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins (lists, dicts, scalars) that YAML can dump."""
+        result = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, MeshConfig):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            result[f.name] = value
+        return result
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some fields changed, validated like a loaded config."""
+        _check_keys(changes, _field_names(TrainConfig), prefix="")
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, saving and overrides
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Build a validated TrainConfig from a mapping such as a parsed YAML file."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config must be a mapping of keys to values, got {type(data).__name__}")
+    _check_keys(data, _field_names(TrainConfig), prefix="")
+    return TrainConfig(**data)
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read and validate a YAML config file; errors name the file and the field."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read config file ({_one_line(error)})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = error.problem or error.context or "invalid YAML"
+        raise ConfigError(f"{path}: YAML error at {where}{_one_line(problem)}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: YAML error: {_one_line(error)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: top level must be a mapping of config keys, got {type(data).__name__}")
+    try:
+        return config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write `config` as YAML such that load_config(path) == config."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"save_config expects a TrainConfig, got {type(config).__name__}")
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write("# altgrad_jax TrainConfig\n" + text)
+    os.replace(temporary, path)
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Parse ["key=value", "mesh.data_parallel=2"] into a nested dict; values are YAML."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    sections = _section_names()
+    result: dict[str, Any] = {}
+    for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {item!r}: expected a 'key=value' string")
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or error
+            raise ConfigError(
+                f"override {key}: cannot parse value {text!r} as YAML ({_one_line(problem)})"
+            ) from None
+        section, dot, leaf = key.partition(".")
+        if not dot:
+            result[key] = value
+            continue
+        if not leaf or "." in leaf:
+            raise ConfigError(f"override {item!r}: expected key=value or section.key=value")
+        if section not in sections:
+            raise ConfigError(f"override {item!r}: {section!r} is not a config section"
+                              f"{_suggestion(section, sections)}")
+        if not isinstance(result.get(section, {}), dict):
+            result[section] = {}
+        result.setdefault(section, {})[leaf] = value
+    return result
+
+
+def apply_overrides(config: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
+    """`config` with `key=value` overrides applied (sections such as mesh are merged)."""
+    merged = config.to_dict()
+    for key, value in parse_overrides(overrides).items():
+        if key in _section_names() and isinstance(value, dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return config_from_dict(merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _section_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "MeshConfig")
+
+
+def _suggestion(name: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(data: Mapping, valid: tuple[str, ...], prefix: str) -> None:
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {prefix}{key!r} is not a string")
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
+
+
+def _type_error(name: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _number_from_text(text: str) -> object:
+    for parse in (int, float):
+        try:
+            return parse(text.strip())
+        except ValueError:
+            pass
+    return text
+
+
+def _as_int(name: str, value: object) -> int:
+    number = _number_from_text(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise _type_error(name, "an integer", value)
+    if isinstance(number, numbers.Integral):
+        return int(number)
+    if not float(number).is_integer():
+        raise ConfigError(f"{name}: expected an integer, got {value!r} (not a whole number)")
+    return int(number)
+
+
+def _as_float(name: str, value: object) -> float:
+    number = _number_from_text(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise _type_error(name, "a number", value)
+    number = float(number)
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}: must be finite, got {value!r}")
+    return number
+
+
+def _as_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _type_error(name, "true or false", value)
+    return value
+
+
+def _as_str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _type_error(name, "a string (quote it in YAML)", value)
+    if not value.strip():
+        raise ConfigError(f"{name}: must not be empty")
+    return value
+
+
+def _optional(coerce: Callable[[str, object], Any]) -> Callable[[str, object], Any]:
+    return lambda name, value: None if value is None else coerce(name, value)
+
+
+def _format_names() -> tuple[str, ...]:
+    try:
+        from altgrad_jax.formats import FORMATS
+    except ImportError:
+        return _FALLBACK_FORMAT_NAMES
+    return tuple(FORMATS)
+
+
+def _as_format(name: str, value: object, *, allow_unquantized: bool = False) -> str:
+    text = _as_str(name, value)
+    if allow_unquantized and text.strip().lower() in _UNQUANTIZED_ALIASES:
+        return UNQUANTIZED
+    valid = _format_names()
+    by_upper = {format_name.upper(): format_name for format_name in valid}
+    found = by_upper.get(text.strip().upper())
+    if found is None:
+        extra = ", FP32, none" if allow_unquantized else ""
+        raise ConfigError(f"{name}: unknown format {text!r} (valid: {', '.join(valid)}{extra})")
+    return found
+
+
+def _as_layer_formats(name: str, value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _type_error(name, "a mapping of layer pattern -> format", value)
+    result = {}
+    for pattern, format_name in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"{name}: layer pattern {pattern!r} must be a non-empty string")
+        result[pattern] = _as_format(f"{name}[{pattern!r}]", format_name, allow_unquantized=True)
+    return result
+
+
+def _as_str_tuple(name: str, value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise _type_error(name, "a list of strings", value)
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{name}: every entry must be a string, got {item!r}")
+    return tuple(value)
+
+
+def _as_wandb_mode(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    mode = _as_str(name, value).strip().lower()
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"{name}: must be null or one of {', '.join(WANDB_MODES)}, got {value!r}")
+    return mode
+
+
+def _as_mesh(name: str, value: object) -> MeshConfig:
+    if isinstance(value, MeshConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise _type_error(name, "a mapping (mesh section)", value)
+    _check_keys(value, _field_names(MeshConfig), prefix=f"{name}.")
+    return MeshConfig(**value)
+
+
+_COERCE_BY_TYPE: dict[str, Callable[[str, object], Any]] = {
+    "int": _as_int,
+    "float": _as_float,
+    "bool": _as_bool,
+    "str": _as_str,
+    "str | None": _optional(_as_str),
+    "tuple[str, ...]": _as_str_tuple,
+    "dict[str, str]": _as_layer_formats,
+    "MeshConfig": _as_mesh,
+}
+_COERCE_BY_NAME: dict[str, Callable[[str, object], Any]] = {
+    "fp8_format": _as_format,
+    "fp8_forward_format": _optional(_as_format),
+    "fp8_backward_format": _optional(_as_format),
+    "wandb_mode": _as_wandb_mode,
+}
+
+
+def _coerce_fields(config: object, prefix: str) -> None:
+    for f in dataclasses.fields(config):
+        coerce = _COERCE_BY_NAME.get(f.name) or _COERCE_BY_TYPE[f.type]
+        value = coerce(prefix + f.name, getattr(config, f.name))
+        object.__setattr__(config, f.name, value)  # frozen: only here, before anyone sees it
+
+
+def _interval(low=None, high=None, *, low_open=False, high_open=False):
+    """(predicate, description) for a numeric range."""
+    def contains(value):
+        return ((low is None or (value > low if low_open else value >= low))
+                and (high is None or (value < high if high_open else value <= high)))
+    if low is not None and high is not None:
+        text = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        text = f"{'>' if low_open else '>='} {low}"
+    else:
+        text = f"{'<' if high_open else '<='} {high}"
+    return contains, text
+
+
+_AT_LEAST_ONE = _interval(1)
+_NON_NEGATIVE = _interval(0)
+_FRACTION = _interval(0, 1)
+_RANGES = {
+    "n_layer": _AT_LEAST_ONE, "n_head": _AT_LEAST_ONE, "n_embd": _AT_LEAST_ONE,
+    "block_size": _AT_LEAST_ONE, "vocab_size": _AT_LEAST_ONE, "batch_size": _AT_LEAST_ONE,
+    "dropout": _interval(0, 1, high_open=True),
+    "learning_rate": _interval(0, low_open=True),
+    "min_lr_ratio": _FRACTION,
+    "max_steps": _AT_LEAST_ONE,
+    "warmup_steps": _NON_NEGATIVE,
+    "grad_clip": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "beta1": _interval(0, 1, high_open=True), "beta2": _interval(0, 1, high_open=True),
+    "amax_history_len": _AT_LEAST_ONE,
+    "fp8_amax_margin": _interval(1),
+    "checkpoint_interval": _AT_LEAST_ONE, "max_checkpoints": _AT_LEAST_ONE,
+    "nan_patience": _AT_LEAST_ONE,
+    "bit_stall_threshold": _FRACTION, "overflow_threshold": _FRACTION,
+    "dead_neuron_threshold": _NON_NEGATIVE,
+    "dead_neuron_window": _AT_LEAST_ONE,
+    "alert_wait_seconds": _NON_NEGATIVE,
+    "log_interval": _AT_LEAST_ONE, "eval_interval": _AT_LEAST_ONE, "eval_iters": _AT_LEAST_ONE,
+    "seed": _interval(0, 2**32, high_open=True),
+}
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for name, (contains, description) in _RANGES.items():
+        value = getattr(config, name)
+        if not contains(value):
+            raise ConfigError(f"{name}: must be {description}, got {value!r}")
+    if config.n_embd % config.n_head:
+        raise ConfigError(f"n_embd: must be divisible by n_head={config.n_head}, "
+                          f"got {config.n_embd}")
+    if config.warmup_steps > config.max_steps:
+        raise ConfigError(f"warmup_steps: must be <= max_steps={config.max_steps}, "
+                          f"got {config.warmup_steps}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            if isinstance(key, str):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
