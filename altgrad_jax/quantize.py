@@ -1,0 +1,178 @@
+"""Fake quantization to the 8-bit formats: float32 in, float32 out, values on the format's grid.
+
+One code path serves every format, working on the float32 bit pattern:
+- normal range: add the round-to-nearest-even bias for the dropped mantissa bits and mask them
+  (a carry into the exponent is the correct rounding up to the next binade);
+- below `min_normal`: round to a multiple of `min_subnormal` with `round` (ties to even), exact
+  because both scalings are by powers of two; so values just below `min_normal` round up to it
+  when nearer;
+- magnitudes are clipped to `max_finite` first (saturation; ml_dtypes casts overflow to inf or
+  NaN), and the sign bit is put back last, so -0 and negative values keep their sign.
+On these formats a tie in code space is a tie in value space, so "ties to even" means the even
+code; for E7M0 (no mantissa) that is the even exponent field, which the bit arithmetic gives.
+For E5M2, E4M3 and E3M4 the result equals ml_dtypes' cast of the clipped value bit for bit; it
+is several times cheaper than XLA's float8 round trip on the CPU, and `lax.reduce_precision`
+flushes the formats' subnormals on the CPU, so neither is used (see benchmarks/bench_quantize.py).
+
+Special values: NaN stays NaN; +-inf saturates to +-max_finite. float32 subnormal inputs
+(below 2**-126) quantize to a zero of their sign in every format.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from altgrad_jax.formats import FloatFormat, get_format
+
+_SIGN_BIT = np.uint32(0x80000000)
+_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+
+
+def _as_float32(x) -> jax.Array:
+    x = jnp.asarray(x)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise TypeError(f"quantize needs a real float or integer array, got dtype {x.dtype}")
+    return x.astype(jnp.float32)
+
+
+def _round_magnitude(magnitude: jax.Array, fmt: FloatFormat) -> jax.Array:
+    """Nearest format value (ties to even) of a nonnegative float32 <= max_finite, or NaN."""
+    min_subnormal = np.float32(fmt.min_subnormal)
+    subnormal = jnp.round(magnitude * np.float32(1.0 / fmt.min_subnormal)) * min_subnormal
+    if fmt.min_normal > fmt.max_finite:  # E0M7: fixed point, every code is "subnormal"
+        return subnormal
+    dropped = 23 - fmt.mantissa_bits
+    bits = lax.bitcast_convert_type(magnitude, jnp.uint32)
+    kept_lsb = (bits >> dropped) & np.uint32(1)
+    rounded = (bits + np.uint32((1 << (dropped - 1)) - 1) + kept_lsb) & np.uint32(
+        (0xFFFFFFFF << dropped) & 0xFFFFFFFF
+    )
+    normal = lax.bitcast_convert_type(rounded, jnp.float32)
+    # NaN fails the test and takes the subnormal branch, which keeps it NaN.
+    return jnp.where(magnitude >= np.float32(fmt.min_normal), normal, subnormal)
+
+
+def _round(x: jax.Array, fmt: FloatFormat) -> jax.Array:
+    sign = lax.bitcast_convert_type(x, jnp.uint32) & _SIGN_BIT
+    magnitude = jnp.minimum(jnp.abs(x), np.float32(fmt.max_finite))
+    rounded = _round_magnitude(magnitude, fmt)
+    return lax.bitcast_convert_type(
+        lax.bitcast_convert_type(rounded, jnp.uint32) | sign, jnp.float32
+    )
+
+
+def round_to_format(x, fmt: "str | FloatFormat") -> jax.Array:
+    """q(x): nearest value of `fmt` as float32, ties to even, saturating; no custom gradient."""
+    return _round(_as_float32(x), get_format(fmt))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fake_quantize(x, fmt):
+    return _round(x, fmt)
+
+
+def _fake_quantize_fwd(x, fmt):
+    return _round(x, fmt), None
+
+
+def _fake_quantize_bwd(fmt, _, cotangent):
+    return (cotangent,)
+
+
+_fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fake_quantize_scaled(x, scale, fmt):
+    return _round(x / scale, fmt) * scale
+
+
+def _fake_quantize_scaled_fwd(x, scale, fmt):
+    return _fake_quantize_scaled(x, scale, fmt), jnp.zeros_like(scale)
+
+
+def _fake_quantize_scaled_bwd(fmt, zero_scale, cotangent):
+    return cotangent, zero_scale
+
+
+_fake_quantize_scaled.defvjp(_fake_quantize_scaled_fwd, _fake_quantize_scaled_bwd)
+
+
+def quantize(x, fmt: "str | FloatFormat", scale=1.0) -> jax.Array:
+    """Fake-quantize: float32 `scale * q(x / scale)` with q = round_to_format.
+
+    The gradient is straight-through: identity for `x` (the cotangent itself is not quantized),
+    zero for `scale`. `fmt` is static (a name or a FloatFormat); `scale` is a float or a traced
+    float32 array broadcastable to `x` (normally a scalar). A Python scale of 1.0 skips the
+    division and multiplication.
+    """
+    fmt = get_format(fmt)
+    x = _as_float32(x)
+    if isinstance(scale, (int, float)) and scale == 1:
+        return _fake_quantize(x, fmt)
+    return _fake_quantize_scaled(x, jnp.asarray(scale, jnp.float32), fmt)
+
+
+def _step(difference: jax.Array, exponent: int) -> jax.Array:
+    """1.0 where difference > 0, else 0.0 (NaN stays NaN), when every positive difference
+    times 2**exponent is >= 1. Float min/max only: XLA's CPU reductions over compares,
+    selects, integer ops or bitcasts run many times slower than over float arithmetic."""
+    scaled = difference * np.float32(2.0**exponent)
+    return jnp.minimum(jnp.maximum(scaled, np.float32(0.0)), np.float32(1.0))
+
+
+def _ulp_exponent(value: float) -> int:
+    """-log2 of the float32 spacing just above `value` (a normal float32)."""
+    return 23 - int(np.floor(np.log2(value)))
+
+
+def _counts_fast(magnitude: jax.Array, fmt: FloatFormat):
+    underflow_edge = fmt.min_subnormal / 2  # the tie at half the smallest subnormal goes to 0
+    nonzero = jnp.minimum(magnitude * np.float32(2.0**127), np.float32(1.0))
+    overflow = _step(magnitude - np.float32(fmt.max_finite), _ulp_exponent(fmt.max_finite))
+    infinite = _step(magnitude - _FLOAT32_MAX, 0)
+    above_edge = _step(magnitude - np.float32(underflow_edge), _ulp_exponent(underflow_edge))
+    return (
+        jnp.sum(overflow - infinite),
+        jnp.sum(nonzero - above_edge),
+        jnp.sum(nonzero),
+    )
+
+
+def _counts_with_nan(magnitude: jax.Array, fmt: FloatFormat):
+    def count(mask):
+        return jnp.sum(jnp.where(mask, np.float32(1.0), np.float32(0.0)))
+
+    finite = magnitude <= _FLOAT32_MAX
+    return (
+        count((magnitude > np.float32(fmt.max_finite)) & finite),
+        count((magnitude > 0) & (magnitude <= np.float32(fmt.min_subnormal / 2))),
+        count(magnitude != 0),  # NaN counts as nonzero, as in np.count_nonzero
+    )
+
+
+def quantization_counts(x, fmt: "str | FloatFormat", scale=1.0):
+    """(n_overflow, n_underflow, n_nonzero) of fake-quantizing x with `scale`, float32 scalars.
+
+    overflow: finite x with |x/scale| > max_finite (saturated by quantize);
+    underflow: x != 0 whose q(x/scale) is 0 (|x/scale| <= min_subnormal / 2);
+    nonzero: x != 0 (NaN included). float32 subnormal inputs count as zero (XLA's CPU code
+    flushes them). Counts are exact up to 2**24 per accumulator of XLA's reduction.
+    The common path uses float arithmetic only; an exact compare-based recount runs only when
+    the input holds a NaN (which would poison the float sums).
+    """
+    fmt = get_format(fmt)
+    x = _as_float32(x)
+    if not (isinstance(scale, (int, float)) and scale == 1):
+        x = x / jnp.asarray(scale, jnp.float32)
+    magnitude = jnp.abs(x)
+    fast = _counts_fast(magnitude, fmt)
+    return lax.cond(
+        jnp.isnan(fast[2]),
+        lambda m: _counts_with_nan(m, fmt),
+        lambda m: fast,
+        magnitude,
+    )

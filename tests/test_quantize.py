@@ -1,0 +1,199 @@
+"""quantize / round_to_format / quantization_counts against ml_dtypes and a brute-force NumPy table."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from altgrad_jax.formats import FORMATS
+from altgrad_jax.quantize import quantization_counts, quantize, round_to_format
+
+ML_DTYPE_NAMES = [name for name, fmt in FORMATS.items() if fmt.dtype is not None]
+EXOTIC_NAMES = [name for name, fmt in FORMATS.items() if fmt.dtype is None]
+RNG = np.random.default_rng(1234)
+
+
+def layout_code_values(fmt) -> np.ndarray:
+    """The nonnegative finite code values, code c at index c, decoded from the bit layout alone
+    (for the ml_dtypes formats the inf/NaN codes at the top are left out)."""
+    mantissa_steps = 2**fmt.mantissa_bits
+    values = []
+    for code in range(128):
+        exponent_field, mantissa_field = divmod(code, mantissa_steps)
+        if exponent_field == 0:
+            values.append(mantissa_field * 2.0 ** (1 - fmt.bias - fmt.mantissa_bits))
+        else:
+            values.append((1 + mantissa_field / mantissa_steps) * 2.0 ** (exponent_field - fmt.bias))
+    values = np.array(values)
+    return values[values <= fmt.max_finite]
+
+
+def brute_force_round(x: np.ndarray, fmt) -> np.ndarray:
+    """Nearest code value by exhaustive search, ties to the even code, saturating, NaN kept."""
+    codes = layout_code_values(fmt)
+    magnitude = np.minimum(np.abs(x.astype(np.float64)), codes[-1])
+    distance = np.abs(magnitude[:, None] - codes[None, :])
+    nearest = distance == distance.min(axis=1, keepdims=True)
+    even = nearest & (np.arange(codes.size) % 2 == 0)
+    chosen = np.where(even.any(axis=1), even.argmax(axis=1), nearest.argmax(axis=1))
+    out = np.copysign(codes[chosen], x).astype(np.float32)
+    out[np.isnan(x)] = np.nan
+    return out
+
+
+def ml_dtypes_round(x: np.ndarray, fmt) -> np.ndarray:
+    return np.clip(x, -fmt.max_finite, fmt.max_finite).astype(fmt.dtype).astype(np.float32)
+
+
+def probe_values(grid: np.ndarray, fmt) -> np.ndarray:
+    """Grid values, every midpoint (tie) and its float32 neighbours, random values over the whole
+    range, subnormals, out of range and the special values, with both signs."""
+    grid = np.unique(grid[np.isfinite(grid)].astype(np.float64))
+    midpoints = (grid[1:] + grid[:-1]) / 2  # exact in float64, and exact in float32 here
+    mid32 = midpoints.astype(np.float32)
+    assert np.array_equal(mid32.astype(np.float64), midpoints)
+    log_span = np.log2(fmt.min_subnormal) - 4, np.log2(fmt.max_finite) + 4
+    magnitudes = np.concatenate([
+        grid.astype(np.float32),
+        mid32,
+        np.nextafter(mid32, np.float32(np.inf)),
+        np.nextafter(mid32, np.float32(-np.inf)),
+        np.exp2(RNG.uniform(*log_span, 4000)).astype(np.float32),
+        (RNG.random(1000) * fmt.min_normal).astype(np.float32),  # subnormal range and its edge
+        np.float32(fmt.max_finite) * np.array([1.0001, 1.5, 2, 1e6], np.float32),
+        [0.0, 1e30, 3.4e38, np.inf, 1e-30],
+    ]).astype(np.float32)
+    return np.concatenate([magnitudes, -magnitudes, [np.nan]]).astype(np.float32)
+
+
+def assert_bitwise_equal(actual, expected, x):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    same = (actual.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(actual) & np.isnan(expected))
+    bad = np.flatnonzero(~same)
+    assert bad.size == 0, f"{bad.size} mismatches, e.g. x={x[bad[:4]]} got {actual[bad[:4]]} want {expected[bad[:4]]}"
+
+
+@pytest.mark.parametrize("name", ML_DTYPE_NAMES)
+def test_ml_dtypes_formats_equal_ml_dtypes_cast_bit_for_bit(name):
+    fmt = FORMATS[name]
+    all_codes = np.arange(256, dtype=np.uint8).view(fmt.dtype).astype(np.float32)
+    x = probe_values(all_codes, fmt)
+    expected = ml_dtypes_round(x, fmt)
+    assert_bitwise_equal(jax.jit(round_to_format, static_argnums=1)(x, name), expected, x)
+    assert_bitwise_equal(quantize(x, name), expected, x)
+
+
+@pytest.mark.parametrize("name", ML_DTYPE_NAMES)
+def test_brute_force_reference_agrees_with_ml_dtypes(name):
+    # Validates the reference used for the exotic formats where ml_dtypes is the truth.
+    fmt = FORMATS[name]
+    x = probe_values(layout_code_values(fmt), fmt)
+    assert_bitwise_equal(brute_force_round(x, fmt), ml_dtypes_round(x, fmt), x)
+
+
+@pytest.mark.parametrize("name", EXOTIC_NAMES)
+def test_exotic_formats_equal_brute_force_nearest(name):
+    fmt = FORMATS[name]
+    codes = layout_code_values(fmt)
+    assert codes[-1] == fmt.max_finite and codes[1] == fmt.min_subnormal
+    x = probe_values(np.concatenate([codes, -codes]), fmt)
+    expected = brute_force_round(x, fmt)
+    assert_bitwise_equal(jax.jit(round_to_format, static_argnums=1)(x, name), expected, x)
+    assert_bitwise_equal(quantize(x, name), expected, x)
+
+
+def test_e7m0_ties_go_to_the_even_exponent_field():
+    # 1.5 * 2**k lies halfway between 2**k (code k + 63) and 2**(k+1) (code k + 64); 2**-63 lies
+    # halfway between 0 (code 0) and 2**-62 (code 1).
+    x = np.array([1.5, 3.0, 6.0, 0.75, 2.0**-63, -12.0], np.float32)
+    np.testing.assert_array_equal(round_to_format(x, "E7M0"), [2.0, 2.0, 8.0, 0.5, 0.0, -8.0])
+
+
+def test_values_just_below_min_normal_round_up_to_it():
+    for fmt in FORMATS.values():
+        if fmt.min_normal > fmt.max_finite:
+            continue
+        just_below = np.float32(fmt.min_normal - fmt.min_subnormal / 4)
+        assert float(round_to_format(just_below, fmt)) == fmt.min_normal, fmt.name
+
+
+def test_specials_saturate_and_keep_sign():
+    x = jnp.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e38, -1e38], jnp.float32)
+    for fmt in FORMATS.values():
+        out = np.asarray(quantize(x, fmt))
+        np.testing.assert_array_equal(out[[0, 1, 5, 6]], [fmt.max_finite, -fmt.max_finite] * 2)
+        assert np.isnan(out[2])
+        assert out[3] == 0 and not np.signbit(out[3]) and np.signbit(out[4])
+
+
+@pytest.mark.parametrize("name", ["E4M3", "E2M5"])
+def test_scale_divides_before_and_multiplies_after(name):
+    fmt = FORMATS[name]
+    x = (RNG.standard_normal(2000) * 37).astype(np.float32)
+    scale = np.float32(0.173)
+    expected = brute_force_round(x / scale, fmt) * scale  # float32 division, then float32 product
+    np.testing.assert_array_equal(quantize(x, name, scale), expected)
+    np.testing.assert_array_equal(jax.jit(quantize, static_argnums=1)(x, name, jnp.float32(scale)), expected)
+    np.testing.assert_array_equal(quantize(x, name, 2.0), brute_force_round(x / 2, fmt) * 2)
+
+
+def test_jit_equals_eager_and_shapes_are_kept():
+    x = jnp.asarray(RNG.standard_normal((3, 5, 7)).astype(np.float32) * 100)
+    for fmt in FORMATS.values():
+        eager = quantize(x, fmt, 0.5)
+        jitted = jax.jit(quantize, static_argnums=1)(x, fmt, 0.5)
+        assert eager.shape == x.shape and eager.dtype == jnp.float32
+        np.testing.assert_array_equal(eager, jitted)
+    assert quantize(jnp.float32(0.3), "E4M3").shape == ()
+    assert quantize(jnp.zeros((0, 4)), "E5M2").shape == (0, 4)
+    bf16 = jnp.asarray([1.0, 3.3], jnp.bfloat16)
+    assert quantize(bf16, "E4M3").dtype == jnp.float32
+
+
+def test_straight_through_gradient_passes_the_cotangent_unquantized():
+    x = jnp.asarray(RNG.standard_normal(64).astype(np.float32) * 1000)  # many saturate in E4M3
+    cotangent = jnp.asarray(RNG.standard_normal(64).astype(np.float32) * 1.2345)
+
+    def loss(x, scale):
+        return jnp.sum(quantize(x, "E4M3", scale) * cotangent)
+
+    grad_x, grad_scale = jax.grad(loss, argnums=(0, 1))(x, jnp.float32(0.37))
+    np.testing.assert_array_equal(grad_x, cotangent)
+    assert float(grad_scale) == 0.0
+    grad_unscaled = jax.jit(jax.grad(lambda x: jnp.sum(quantize(x, "E7M0") * cotangent)))(x)
+    np.testing.assert_array_equal(grad_unscaled, cotangent)
+
+
+def numpy_counts(x, fmt, scale):
+    y = np.abs(x / np.float32(scale))
+    overflow = np.isfinite(y) & (y > fmt.max_finite)
+    underflow = (x != 0) & (brute_force_round(x / np.float32(scale), fmt) == 0)
+    return overflow.sum(), underflow.sum(), np.count_nonzero(x)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_quantization_counts_match_numpy(name):
+    fmt = FORMATS[name]
+    scale = np.float32(0.75)
+    x = probe_values(layout_code_values(fmt), fmt) * scale
+    x = x[~np.isnan(x)]
+    x = x[(np.abs(x) >= 2**-125) | (x == 0)]  # XLA flushes float32 subnormals to zero
+    expected = numpy_counts(x, fmt, scale)
+    assert min(expected) > 0
+    counts = jax.jit(quantization_counts, static_argnums=1)(x, name, scale)
+    assert all(c.dtype == jnp.float32 and c.shape == () for c in counts)
+    assert [float(c) for c in counts] == [float(e) for e in expected]
+
+
+def test_quantization_counts_with_nan_recount_exactly():
+    x = np.array([np.nan, 1e9, -1e9, 1e-9, 0.0, 1.0, np.inf], np.float32)
+    counts = quantization_counts(x, "E4M3", 1.0)
+    assert [float(c) for c in counts] == [2.0, 1.0, 6.0]
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="unknown float format 'FP9'"):
+        quantize(jnp.ones(3), "FP9")
+    with pytest.raises(TypeError, match="complex"):
+        quantize(jnp.ones(3, jnp.complex64), "E4M3")
