@@ -1,0 +1,129 @@
+"""nanoGPT-style decoder in Flax NNX with fake-quantized linear layers.
+
+Token + position embeddings, `n_layer` pre-LayerNorm blocks (causal self-attention, GELU MLP),
+a final LayerNorm and an UNTIED output head (`lm_head/kernel` is its own parameter, not the
+transpose of `wte/embedding`). Every linear layer is a `QLinear` that quantizes its input and the
+gradient flowing back into it when the forward call receives a `QuantContext`; without one the
+model is plain float32.
+
+Parameter paths (the pure-dict state of `nnx.split(model, nnx.Param)`):
+`wte/embedding`, `wpe/embedding`, `h/<i>/ln_1/{scale,bias}`, `h/<i>/attn/c_attn/{kernel,bias}`,
+`h/<i>/attn/c_proj/{kernel,bias}`, `h/<i>/ln_2/{scale,bias}`, `h/<i>/mlp/c_fc/{kernel,bias}`,
+`h/<i>/mlp/c_proj/{kernel,bias}`, `ln_f/{scale,bias}`, `lm_head/kernel` (no bias). `<i>` is an
+int key in the pure dict. Kernels are `[in_features, out_features]`.
+
+Dropout is a pure function of an explicit key passed to `__call__` (`dropout_key=None` means no
+dropout), so the model holds no RNG state and `nnx.split(model, nnx.Param)` is its whole state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from altgrad_jax.qlinear import QLinear, QuantContext
+
+INIT_STD = 0.02
+LAYER_NORM_EPS = 1e-5
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `key` is None or `rate` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _site_key(key: jax.Array | None, site: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, site)
+
+
+def _layer_norm(n_embd: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(n_embd, epsilon=LAYER_NORM_EPS, rngs=rngs)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config, prefix: str, *, rngs: nnx.Rngs):
+        n_embd = config.n_embd
+        self.n_head = config.n_head
+        self.dropout_rate = config.dropout
+        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 n_layer).
+        proj_std = INIT_STD / math.sqrt(2 * config.n_layer)
+        self.c_attn = QLinear(n_embd, 3 * n_embd, layer_name=f"{prefix}/c_attn", init_std=INIT_STD, rngs=rngs)
+        self.c_proj = QLinear(n_embd, n_embd, layer_name=f"{prefix}/c_proj", init_std=proj_std, rngs=rngs)
+
+    def __call__(self, x, *, dropout_key=None, quant: QuantContext | None = None):
+        batch, seq, n_embd = x.shape
+        head_dim = n_embd // self.n_head
+        qkv = self.c_attn(x, quant)
+        q, k, v = jnp.split(qkv.reshape(batch, seq, 3, self.n_head, head_dim), 3, axis=2)
+        q, k, v = (t[:, :, 0] for t in (q, k, v))  # [batch, seq, head, head_dim]
+        scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(head_dim)
+        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        weights = dropout(weights, self.dropout_rate, _site_key(dropout_key, 0))
+        y = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(batch, seq, n_embd)
+        return dropout(self.c_proj(y, quant), self.dropout_rate, _site_key(dropout_key, 1))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config, prefix: str, *, rngs: nnx.Rngs):
+        n_embd = config.n_embd
+        self.dropout_rate = config.dropout
+        proj_std = INIT_STD / math.sqrt(2 * config.n_layer)
+        self.c_fc = QLinear(n_embd, 4 * n_embd, layer_name=f"{prefix}/c_fc", init_std=INIT_STD, rngs=rngs)
+        self.c_proj = QLinear(4 * n_embd, n_embd, layer_name=f"{prefix}/c_proj", init_std=proj_std, rngs=rngs)
+
+    def __call__(self, x, *, dropout_key=None, quant: QuantContext | None = None):
+        hidden = jax.nn.gelu(self.c_fc(x, quant), approximate=True)  # GPT-2's tanh GELU
+        return dropout(self.c_proj(hidden, quant), self.dropout_rate, dropout_key)
+
+
+class Block(nnx.Module):
+    def __init__(self, config, index: int, *, rngs: nnx.Rngs):
+        prefix = f"h/{index}"
+        self.ln_1 = _layer_norm(config.n_embd, rngs)
+        self.attn = CausalSelfAttention(config, f"{prefix}/attn", rngs=rngs)
+        self.ln_2 = _layer_norm(config.n_embd, rngs)
+        self.mlp = MLP(config, f"{prefix}/mlp", rngs=rngs)
+
+    def __call__(self, x, *, dropout_key=None, quant: QuantContext | None = None):
+        x = x + self.attn(self.ln_1(x), dropout_key=_site_key(dropout_key, 0), quant=quant)
+        return x + self.mlp(self.ln_2(x), dropout_key=_site_key(dropout_key, 1), quant=quant)
+
+
+class GPT(nnx.Module):
+    """GPT decoder with an untied head; `__call__(idx) -> logits [batch, seq, vocab_size]`."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.block_size = config.block_size
+        self.dropout_rate = config.dropout
+        embed_init = nnx.initializers.normal(INIT_STD)
+        self.wte = nnx.Embed(config.vocab_size, config.n_embd, embedding_init=embed_init, rngs=rngs)
+        self.wpe = nnx.Embed(config.block_size, config.n_embd, embedding_init=embed_init, rngs=rngs)
+        self.h = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layer)])
+        self.ln_f = _layer_norm(config.n_embd, rngs)
+        self.lm_head = QLinear(
+            config.n_embd, config.vocab_size, layer_name="lm_head", init_std=INIT_STD, use_bias=False, rngs=rngs
+        )
+
+    def __call__(self, idx: jax.Array, *, dropout_key: jax.Array | None = None, quant: QuantContext | None = None):
+        seq = idx.shape[1]
+        if seq > self.block_size:
+            raise ValueError(f"sequence length {seq} exceeds block_size {self.block_size}")
+        x = self.wte(idx) + self.wpe(jnp.arange(seq))[None]
+        x = dropout(x, self.dropout_rate, _site_key(dropout_key, len(self.h)))  # blocks use 0..n-1
+        for i, block in enumerate(self.h):
+            x = block(x, dropout_key=_site_key(dropout_key, i), quant=quant)
+        return self.lm_head(self.ln_f(x), quant)
+
+
+def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross entropy in float32."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))

@@ -1,0 +1,184 @@
+"""The research train step: shadow agreement, FP8 effects, quant state, determinism, learning, NaN."""
+
+import functools
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from altgrad_jax.config import TrainConfig
+from altgrad_jax.train_state import TrainState, abstract_train_state, init_train_state
+from altgrad_jax.train_step import _QuantizedLoss, make_eval_step, make_train_step
+
+BASE = TrainConfig(
+    n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=32, batch_size=8, dropout=0.1,
+    learning_rate=1e-2, warmup_steps=5, max_steps=200, use_shadow=True, seed=3,
+)
+E5M2 = BASE.replace(use_fp8=True, fp8_format="E5M2")
+
+
+def _random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, config.vocab_size, (config.batch_size, config.block_size), dtype=np.int32)
+    return jnp.asarray(x), jnp.asarray(np.roll(x, -1, axis=1))
+
+
+def _pattern_batch(config):
+    """Every row is a shifted copy of one fixed random sequence of period 7: learnable."""
+    period = np.random.default_rng(1).integers(0, config.vocab_size, 7)
+    rows = [np.resize(np.roll(period, -r), config.block_size + 1) for r in range(config.batch_size)]
+    data = np.stack(rows).astype(np.int32)
+    return jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
+
+
+def _to_numpy(tree):
+    return jax.tree_util.tree_map(lambda a: np.array(a), tree)
+
+
+def _params_hash(params) -> str:
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(params):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def e5m2_step():
+    return make_train_step(E5M2)
+
+
+def test_without_fp8_the_shadow_agrees_exactly():
+    config = BASE.replace(use_fp8=False)
+    _, metrics = make_train_step(config)(init_train_state(config), _random_batch(config))
+    cosines = {k: float(v) for k, v in metrics.items() if k.startswith("grad_cos_sim/")}
+    assert len(cosines) > 20
+    for name, value in cosines.items():
+        assert abs(value - 1.0) <= 1e-6, name
+    assert float(metrics["shadow_loss"]) == float(metrics["loss"])
+    assert "overflow_rate" not in metrics and "bit_stall_rate" not in metrics
+
+
+def test_fp8_changes_gradients_and_e7m0_agrees_less_than_e5m2(e5m2_step):
+    batch = _random_batch(BASE)
+    _, e5m2 = e5m2_step(init_train_state(E5M2), batch)
+    e7m0_config = BASE.replace(use_fp8=True, fp8_format="E7M0")
+    _, e7m0 = make_train_step(e7m0_config)(init_train_state(e7m0_config), batch)
+    assert float(e5m2["loss"]) != float(e5m2["shadow_loss"])
+    assert float(e5m2["grad_cos_sim/min"]) < 1.0
+    assert float(e5m2["grad_cos_sim/mean"]) > 0.9
+    assert float(e7m0["grad_cos_sim/mean"]) < float(e5m2["grad_cos_sim/mean"]) - 0.05
+    for metrics in (e5m2, e7m0):
+        for name in ("overflow_rate", "underflow_rate", "bit_stall_rate", "zero_update_frac",
+                     "quant/overflow/lm_head", "quant/underflow/h/0/mlp/c_fc", "quant/bit_stall/h/1/attn/c_proj"):
+            assert 0.0 <= float(metrics[name]) <= 1.0, name
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_quant_state_records_amax_and_round_trips(e5m2_step):
+    state = init_train_state(E5M2)
+    kernel = np.array(state.params["h"][0]["mlp"]["c_fc"]["kernel"])
+    old_quant = _to_numpy(state.quant_state)
+    state, _ = e5m2_step(state, _random_batch(E5M2))
+    entry = state.quant_state["h"][0]["mlp"]["c_fc"]
+    history = np.asarray(entry["amax_history"])
+    assert history[0] == np.abs(kernel).max()  # amax of the kernel this step quantized
+    np.testing.assert_array_equal(history[1:], 0.0)
+    assert float(entry["scale"]) == pytest.approx(history[0] * 1.05 / 57344.0, rel=1e-6)
+    assert float(entry["scale"]) == pytest.approx(float(old_quant["h"][0]["mlp"]["c_fc"]["scale"]), rel=1e-6)
+
+    # The next step reads the recorded state: its history is pushed, newest first.
+    kernel_1 = np.array(state.params["h"][0]["mlp"]["c_fc"]["kernel"])
+    state, _ = e5m2_step(state, _random_batch(E5M2, seed=1))
+    history = np.asarray(state.quant_state["h"][0]["mlp"]["c_fc"]["amax_history"])
+    np.testing.assert_array_equal(history[:2], [np.abs(kernel_1).max(), np.abs(kernel).max()])
+
+    # Round trip through the TrainState pytree (what checkpoints do).
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    rebuilt = jax.tree_util.tree_unflatten(treedef, [np.asarray(x) if not jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x for x in leaves])
+    assert isinstance(rebuilt, TrainState)
+    for a, b in zip(jax.tree_util.tree_leaves(state.quant_state), jax.tree_util.tree_leaves(rebuilt.quant_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    abstract = abstract_train_state(E5M2)
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(state)
+
+
+def test_twenty_steps_are_bitwise_reproducible(e5m2_step):
+    hashes = []
+    for _ in range(2):
+        state = init_train_state(E5M2)
+        for step in range(20):
+            state, _ = e5m2_step(state, _random_batch(E5M2, seed=step))
+        hashes.append(_params_hash(state.params) + _params_hash(state.quant_state))
+    assert hashes[0] == hashes[1]
+    assert _params_hash(init_train_state(E5M2).params) != hashes[0][:64]
+
+
+def test_training_on_a_repeated_pattern_reduces_the_loss(e5m2_step):
+    batch = _pattern_batch(E5M2)
+    state = init_train_state(E5M2)
+    losses = []
+    for _ in range(60):
+        state, metrics = e5m2_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] <= 0.7 * losses[0], (losses[0], losses[-1])
+    eval_loss = float(make_eval_step(E5M2)(state, batch)["loss"])
+    assert eval_loss <= 0.7 * losses[0]
+
+
+def test_nan_in_one_weight_is_reported_without_exception(e5m2_step):
+    state = init_train_state(E5M2)
+    kernel = state.params["h"][1]["attn"]["c_proj"]["kernel"]
+    params = jax.tree_util.tree_map(lambda a: a, state.params)
+    params["h"][1]["attn"]["c_proj"]["kernel"] = kernel.at[3, 4].set(jnp.nan)
+    _, metrics = e5m2_step(state.replace(params=params), _random_batch(E5M2))
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(metrics["param_nan_count"]) == 1
+    assert int(metrics["param_inf_count"]) == 0
+
+
+def _at(tree, name):
+    for key in name.split("/"):
+        tree = tree[int(key) if key.isdigit() else key]
+    return tree
+
+
+def _np_quantize_e5m2(x, scale):
+    x = np.clip(x / scale, -57344.0, 57344.0)
+    return x.astype(ml_dtypes.float8_e5m2).astype(np.float32)
+
+
+def test_bit_stall_rate_matches_numpy_recomputation(e5m2_step):
+    state = init_train_state(E5M2)
+    batch = _random_batch(E5M2, seed=5)
+    old_params, old_quant = _to_numpy(state.params), _to_numpy(state.quant_state)
+    # The gradient mask: the same quantized loss and dropout key the step uses.
+    loss_fn = _QuantizedLoss(E5M2)
+    (grads, _), _ = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        state.params, loss_fn.zero_probes(), state.quant_state, batch,
+        jax.random.fold_in(state.key, state.step), quantized=True,
+    )
+    grads = _to_numpy(grads)
+    new_state, metrics = e5m2_step(state, batch)
+    new_params = _to_numpy(new_state.params)
+
+    stalled_total = moving_total = 0
+    names = ["lm_head"] + [f"h/{i}/{m}" for i in range(2) for m in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")]
+    for name in names:
+        get = functools.partial(_at, name=name)
+        scale = get(old_quant)["scale"]
+        before = _np_quantize_e5m2(get(old_params)["kernel"], scale)
+        after = _np_quantize_e5m2(get(new_params)["kernel"], scale)
+        moving = get(grads)["kernel"] != 0
+        stalled = np.sum(moving & (before == after))
+        assert float(metrics[f"quant/bit_stall/{name}"]) == pytest.approx(stalled / moving.sum(), abs=1e-6), name
+        stalled_total, moving_total = stalled_total + stalled, moving_total + moving.sum()
+    assert 0.0 < stalled_total / moving_total < 1.0
+    assert float(metrics["bit_stall_rate"]) == pytest.approx(stalled_total / moving_total, abs=1e-6)
+    unchanged = sum(np.sum(a == b) for a, b in zip(jax.tree_util.tree_leaves(old_params),
+                                                    jax.tree_util.tree_leaves(new_params)))
+    total = sum(a.size for a in jax.tree_util.tree_leaves(old_params))
+    assert float(metrics["zero_update_frac"]) == pytest.approx(unchanged / total, abs=1e-6)
