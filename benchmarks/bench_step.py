@@ -1,0 +1,110 @@
+"""Research train step vs a plain float32 AdamW step, same model and batch, interleaved.
+
+Research: E5M2 weights, activations and gradients, FP32 shadow, every metric (make_train_step).
+Baseline: value_and_grad of the float32 loss + the same optax AdamW update, nothing else.
+Prints one JSON object: median time ratio, ms/step and tokens/s for both.
+
+    python benchmarks/bench_step.py            # n_layer 4, n_embd 256, block 128, batch 16
+    python benchmarks/bench_step.py --quick    # n_layer 2, n_embd 64, block 64, batch 8
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from altgrad_jax.config import TrainConfig
+from altgrad_jax.model import cross_entropy_loss
+from altgrad_jax.optimizer import make_optimizer
+from altgrad_jax.train_state import init_train_state, model_structure
+from altgrad_jax.train_step import make_train_step
+
+
+def make_plain_step(config):
+    graphdef, _ = model_structure(config)
+    optimizer = make_optimizer(config)
+
+    def loss_fn(params, batch):
+        x, y = batch
+        return cross_entropy_loss(nnx.merge(graphdef, params)(x), y)
+
+    def step(carry, batch):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def time_steps(step, carry, batch, n_steps):
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        carry, out = step(carry, batch)
+    jax.block_until_ready((carry, out))
+    return carry, (time.perf_counter() - start) / n_steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model for a fast check")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=None, help="steps per round and side")
+    args = parser.parse_args()
+    if args.quick:
+        sizes = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8)
+        rounds, steps = args.rounds or 5, args.steps or 5
+    else:
+        sizes = dict(n_layer=4, n_head=4, n_embd=256, block_size=128, batch_size=16)
+        rounds, steps = args.rounds or 5, args.steps or 3
+    research_config = TrainConfig(**sizes, vocab_size=256, use_fp8=True, fp8_format="E5M2", use_shadow=True)
+    plain_config = research_config.replace(use_fp8=False, use_shadow=False)
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (sizes["batch_size"], sizes["block_size"]), dtype=np.int32)
+    batch = (jnp.asarray(x), jnp.asarray(np.roll(x, -1, axis=1)))
+
+    research_step = make_train_step(research_config)
+    research_state = init_train_state(research_config)
+    plain_step = make_plain_step(plain_config)
+    plain_state = init_train_state(plain_config)
+    plain_carry = (plain_state.params, plain_state.opt_state)
+
+    compile_start = time.perf_counter()
+    research_state, _ = time_steps(research_step, research_state, batch, 2)  # burn-in incl. compile
+    research_compile_s = time.perf_counter() - compile_start
+    plain_carry, _ = time_steps(plain_step, plain_carry, batch, 2)
+
+    research_times, plain_times = [], []
+    for _ in range(rounds):
+        research_state, t_research = time_steps(research_step, research_state, batch, steps)
+        plain_carry, t_plain = time_steps(plain_step, plain_carry, batch, steps)
+        research_times.append(t_research)
+        plain_times.append(t_plain)
+
+    tokens = sizes["batch_size"] * sizes["block_size"]
+    research_ms, plain_ms = statistics.median(research_times) * 1e3, statistics.median(plain_times) * 1e3
+    print(json.dumps({
+        "benchmark": "train_step",
+        "backend": jax.default_backend(),
+        "sizes": sizes,
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "median_ratio": statistics.median(r / p for r, p in zip(research_times, plain_times)),
+        "research_ms_per_step": research_ms,
+        "plain_ms_per_step": plain_ms,
+        "research_tokens_per_s": tokens / research_ms * 1e3,
+        "plain_tokens_per_s": tokens / plain_ms * 1e3,
+        "research_compile_s": research_compile_s,
+        "target_ratio_max": 2.5,
+    }))
+
+
+if __name__ == "__main__":
+    main()
