@@ -116,30 +116,47 @@ def quantize(x, fmt: "str | FloatFormat", scale=1.0) -> jax.Array:
     return _fake_quantize_scaled(x, jnp.asarray(scale, jnp.float32), fmt)
 
 
-def _step(difference: jax.Array, exponent: int) -> jax.Array:
-    """1.0 where difference > 0, else 0.0 (NaN stays NaN), when every positive difference
-    times 2**exponent is >= 1. Float min/max only: XLA's CPU reductions over compares,
-    selects, integer ops or bitcasts run many times slower than over float arithmetic."""
-    scaled = difference * np.float32(2.0**exponent)
-    return jnp.minimum(jnp.maximum(scaled, np.float32(0.0)), np.float32(1.0))
+# Counting. XLA's CPU backend runs a reduction fast (YNNPACK fusion) only when every fused op is
+# plain float arithmetic: a compare, select, clamp, integer op or bitcast in the reduced
+# expression, or a subexpression shared between two reductions, makes it materialise full-size
+# temporaries and run 10-60x slower than a sum of squares (measured in
+# benchmarks/bench_quantize.py). So the three counts are packed into ONE float sum of exact
+# small integers, per row of at most 128 elements, and unpacked from the row sums afterwards.
+_ROW = 128  # each field of a row sum stays <= 128 < 256, and the packed row sum < 2**24
+_NONZERO_WEIGHT = 65536 + 256  # nonzero also enters the middle field, minus the "above" count
 
 
-def _ulp_exponent(value: float) -> int:
-    """-log2 of the float32 spacing just above `value` (a normal float32)."""
-    return 23 - int(np.floor(np.log2(value)))
+def _above(magnitude: jax.Array, threshold: float, weight: float) -> jax.Array:
+    """weight where magnitude > threshold else 0, from two mins: the difference of
+    min(m, t+) and min(m, t) is 0 for m <= t and exactly t+ - t (a power of two) for m >= t+,
+    where t+ is the next float32 after t; no float32 lies strictly between them."""
+    t = np.float32(threshold)
+    t_next = np.nextafter(t, np.float32(np.inf))
+    step = jnp.minimum(magnitude, t_next) - jnp.minimum(magnitude, t)
+    return step * np.float32(weight / (float(t_next) - float(t)))
+
+
+def _packed_counts(magnitude: jax.Array, fmt: FloatFormat):
+    """Per element: overflow + 256 * underflow + 65536 * nonzero, as a float; NaN for inf/NaN."""
+    underflow_edge = fmt.min_subnormal / 2  # the tie at half the smallest subnormal goes to 0
+    nonzero = jnp.minimum(magnitude * np.float32(2.0**127), np.float32(1.0))
+    return (
+        _above(magnitude, fmt.max_finite, 1.0)
+        + _above(magnitude, underflow_edge, -256.0)
+        + nonzero * np.float32(_NONZERO_WEIGHT)
+        + (magnitude - magnitude)  # NaN for inf and NaN: they take the exact path below
+    )
 
 
 def _counts_fast(magnitude: jax.Array, fmt: FloatFormat):
-    underflow_edge = fmt.min_subnormal / 2  # the tie at half the smallest subnormal goes to 0
-    nonzero = jnp.minimum(magnitude * np.float32(2.0**127), np.float32(1.0))
-    overflow = _step(magnitude - np.float32(fmt.max_finite), _ulp_exponent(fmt.max_finite))
-    infinite = _step(magnitude - _FLOAT32_MAX, 0)
-    above_edge = _step(magnitude - np.float32(underflow_edge), _ulp_exponent(underflow_edge))
-    return (
-        jnp.sum(overflow - infinite),
-        jnp.sum(nonzero - above_edge),
-        jnp.sum(nonzero),
-    )
+    size = magnitude.size
+    row = next(r for r in (128, 64, 32, 16, 8, 4, 2, 1) if size % r == 0)
+    row_sums = jnp.sum(_packed_counts(magnitude, fmt).reshape(-1, row), axis=1)
+    nonzero = jnp.floor(row_sums * np.float32(1 / 65536))
+    rest = row_sums - nonzero * np.float32(65536)
+    underflow = jnp.floor(rest * np.float32(1 / 256))
+    overflow = rest - underflow * np.float32(256)
+    return jnp.sum(overflow), jnp.sum(underflow), jnp.sum(nonzero)
 
 
 def _counts_with_nan(magnitude: jax.Array, fmt: FloatFormat):
@@ -160,15 +177,18 @@ def quantization_counts(x, fmt: "str | FloatFormat", scale=1.0):
     overflow: finite x with |x/scale| > max_finite (saturated by quantize);
     underflow: x != 0 whose q(x/scale) is 0 (|x/scale| <= min_subnormal / 2);
     nonzero: x != 0 (NaN included). float32 subnormal inputs count as zero (XLA's CPU code
-    flushes them). Counts are exact up to 2**24 per accumulator of XLA's reduction.
-    The common path uses float arithmetic only; an exact compare-based recount runs only when
-    the input holds a NaN (which would poison the float sums).
+    flushes them). Counts are exact up to 2**24 (float32 integers).
+    The common path is one float-only pass; an exact compare-based recount runs instead (lax.cond)
+    only when x / scale holds an inf or NaN.
     """
     fmt = get_format(fmt)
     x = _as_float32(x)
     if not (isinstance(scale, (int, float)) and scale == 1):
         x = x / jnp.asarray(scale, jnp.float32)
-    magnitude = jnp.abs(x)
+    magnitude = jnp.abs(x).reshape(-1)
+    if magnitude.size == 0:
+        zero = jnp.zeros((), jnp.float32)
+        return zero, zero, zero
     fast = _counts_fast(magnitude, fmt)
     return lax.cond(
         jnp.isnan(fast[2]),

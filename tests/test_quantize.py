@@ -172,12 +172,14 @@ def numpy_counts(x, fmt, scale):
     return overflow.sum(), underflow.sum(), np.count_nonzero(x)
 
 
+@pytest.mark.parametrize("with_inf", [False, True], ids=["finite", "inf"])
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_quantization_counts_match_numpy(name):
+def test_quantization_counts_match_numpy(name, with_inf):
+    # Finite inputs take the one-pass packed path; an inf sends them to the exact recount.
     fmt = FORMATS[name]
     scale = np.float32(0.75)
     x = probe_values(layout_code_values(fmt), fmt) * scale
-    x = x[~np.isnan(x)]
+    x = x[~np.isnan(x) & (with_inf | np.isfinite(x))]
     x = x[(np.abs(x) >= 2**-125) | (x == 0)]  # XLA flushes float32 subnormals to zero
     expected = numpy_counts(x, fmt, scale)
     assert min(expected) > 0
@@ -186,10 +188,25 @@ def test_quantization_counts_match_numpy(name):
     assert [float(c) for c in counts] == [float(e) for e in expected]
 
 
-def test_quantization_counts_with_nan_recount_exactly():
-    x = np.array([np.nan, 1e9, -1e9, 1e-9, 0.0, 1.0, np.inf], np.float32)
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+def test_quantization_counts_with_nan_or_inf_recount_exactly(special):
+    x = np.array([special, 1e9, -1e9, 1e-9, 0.0, 1.0, 448.0, 449.0], np.float32)
     counts = quantization_counts(x, "E4M3", 1.0)
-    assert [float(c) for c in counts] == [2.0, 1.0, 6.0]
+    assert [float(c) for c in counts] == [3.0, 1.0, 7.0]  # inf is not an overflow; NaN != 0
+
+
+@pytest.mark.parametrize("size", [128 * 5, 1001, 96, 1])
+def test_quantization_counts_saturated_rows_and_odd_sizes(size):
+    # The counts are packed per row of up to 128 elements: fill whole rows with one kind.
+    fmt = FORMATS["E5M2"]
+    kinds = np.array([1e6, 1e-9, 0.0, -3.0, -1e6], np.float32)  # over, under, zero, normal, over
+    x = np.repeat(kinds, -(-size // kinds.size))[:size] if size > 1 else kinds[:1]
+    x = RNG.permutation(x) if size == 1001 else x
+    expected = numpy_counts(x, fmt, 1.0)
+    assert [float(c) for c in quantization_counts(x, fmt)] == [float(e) for e in expected]
+    assert [float(c) for c in quantization_counts(x.reshape(-1, 1), fmt)] == [float(e) for e in expected]
+    empty = quantization_counts(np.zeros((0, 3), np.float32), fmt)
+    assert [float(c) for c in empty] == [0.0, 0.0, 0.0]
 
 
 def test_bad_input_raises_clear_errors():
