@@ -1,0 +1,73 @@
+"""Command line: `python -m altgrad_jax.run --config PATH [--set key=value]... [--resume auto|never|PATH]`.
+
+Exit status: 0 done, 2 bad input (one line on stderr, nothing created or deleted),
+3 stopped by the NaN alert, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NAN_STOP, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+class BadInput(Exception):
+    """Bad config, override, data, path or checkpoint: reported in one line, exit 2."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise BadInput(f"command line: {message}")
+
+
+def parse_args(argv):
+    parser = _OneLineParser(prog="altgrad-run", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set learning_rate=1e-3 (repeatable)")
+    parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                        help="auto (default): continue from the latest good checkpoint if any; "
+                             "never: refuse when checkpoints exist; PATH: a checkpoint or step directory")
+    return parser.parse_args(argv)
+
+
+def prepare(args):
+    """Everything that can fail on bad input, done before anything is written or compiled:
+    config, data, mesh, and the starting state (fresh or restored)."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, apply_overrides, load_config
+    from .data import DataError, load_dataset
+    from .resume import find_resume_point
+    from .sharding import make_mesh
+    from .trainer import restore_or_init
+
+    try:
+        config = apply_overrides(load_config(args.config), args.overrides)
+        resume_point = find_resume_point(args.resume, config.checkpoint_path)
+        dataset = load_dataset(config.data, vocab_size=config.vocab_size,
+                               block_size=config.block_size, progress=sys.stderr.isatty())
+        mesh = make_mesh(config.mesh)
+        start = restore_or_init(config, resume_point, mesh)
+    except (ConfigError, DataError, CheckpointError, ValueError) as error:
+        raise BadInput(str(error)) from None
+    return config, dataset, mesh, start
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        from .sharding import maybe_initialize_distributed
+
+        maybe_initialize_distributed()
+        config, dataset, mesh, (state, start_step, metadata) = prepare(args)
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from .trainer import train
+
+    return train(config, dataset, mesh, state, start_step, metadata)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The training loop around the jitted step: batches, one-step-late metrics, evaluation,
+checkpoints, alerts and progress. Everything numerical happens in `train_step`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from .checkpoint import CheckpointManager
+from .config import TrainConfig, save_config
+from .data import Dataset, eval_batches, get_batch
+from .interrupts import StopRequested
+from .progress import Progress
+from .resume import ResumePoint
+from .sharding import put_batch, put_state, state_shardings
+from .tracking import AlertMonitor, LocalTracker, WandbTracker
+from .train_state import abstract_train_state, init_train_state
+from .train_step import make_eval_step, make_train_step
+
+EXIT_OK, EXIT_NAN_STOP, EXIT_INTERRUPTED = 0, 3, 130
+
+
+def restore_or_init(config: TrainConfig, resume: ResumePoint | None, mesh):
+    """(state, start_step, metadata); restored against an abstract target so types and shardings match."""
+    if resume is None:
+        return put_state(init_train_state(config), mesh), 0, {}
+    target = abstract_train_state(config)
+    if mesh is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              target, state_shardings(target, mesh))
+    with CheckpointManager(resume.directory, max_checkpoints=config.max_checkpoints) as manager:
+        if resume.step is None:
+            step, state, metadata = manager.restore_latest_good(target)
+        else:
+            step, state, metadata = resume.step, manager.restore(resume.step, target), manager.metadata(resume.step)
+    return state, int(step), metadata or {}
+
+
+class Evaluator:
+    """Mean loss over a fixed set of validation batches (the same batches at every evaluation)."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset, mesh):
+        self._step = make_eval_step(config, mesh)
+        self._batches = [put_batch(batch, mesh) for batch in eval_batches(
+            dataset.val, seed=config.seed, n_batches=config.eval_iters,
+            batch_size=config.batch_size, block_size=config.block_size)]
+
+    def __call__(self, state) -> float:
+        losses = [self._step(state, batch)["loss"] for batch in self._batches]
+        return float(np.mean(jax.device_get(losses)))
+
+
+def to_host_scalars(metrics) -> dict[str, float]:
+    return {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+
+def make_trackers(config: TrainConfig, out_dir: str, start_step: int, run_id: str | None, is_logger: bool):
+    if not is_logger:
+        return []
+    return [LocalTracker(out_dir, resume_step=start_step or None),
+            WandbTracker(config, run_id=run_id, out_dir=out_dir)]
+
+
+def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, metadata: dict) -> int:
+    """Train from `state` (after `start_step` steps) to `config.max_steps`; returns the exit status."""
+    is_logger = jax.process_index() == 0
+    out_dir = config.out_dir
+    if is_logger:
+        os.makedirs(out_dir, exist_ok=True)
+        save_config(config, os.path.join(out_dir, "config.yaml"))
+    trackers = make_trackers(config, out_dir, start_step, metadata.get("wandb_run_id"), is_logger)
+    wandb_run_id = next((t.run_id for t in trackers if isinstance(t, WandbTracker)), None)
+    monitor = AlertMonitor(config, trackers)
+    checkpoint_metadata = {"config": config.to_dict(), "wandb_run_id": wandb_run_id,
+                           "data": dataset.description}
+    train_step = make_train_step(config, mesh)
+    evaluate = Evaluator(config, dataset, mesh)
+    tokens_per_step = config.batch_size * config.block_size
+    progress = Progress(config, start_step, tokens_per_step, enabled=is_logger)
+
+    def publish(step, metrics, extra):
+        """Host side of one step, run while the next step computes. Returns the alert action."""
+        scalars = to_host_scalars(metrics) | extra
+        action = monitor.check(step, scalars)
+        if step % config.log_interval == 0 or extra or step == config.max_steps:
+            for tracker in trackers:
+                tracker.log_step(step, scalars)
+            progress.update(step, scalars)
+        return action
+
+    exit_code = EXIT_OK
+    with CheckpointManager(config.checkpoint_path, max_checkpoints=config.max_checkpoints) as manager, \
+            StopRequested() as stop:
+        if start_step == 0:
+            first_val = evaluate(state)
+            for tracker in trackers:
+                tracker.log_step(0, {"val_loss": first_val})
+            progress.note(f"step 0: val_loss {first_val:.4f}")
+        pending = None
+        step = start_step
+        for batch_index in range(start_step, config.max_steps):
+            batch = put_batch(get_batch(dataset.train, seed=config.seed, step=batch_index,
+                                        batch_size=config.batch_size, block_size=config.block_size), mesh)
+            state, metrics = train_step(state, batch)
+            step = batch_index + 1
+            action = publish(*pending) if pending else "continue"
+            if action == "save_checkpoint":
+                manager.save_on_anomaly(step, state, metadata=checkpoint_metadata)
+            if action == "stop":
+                exit_code = EXIT_NAN_STOP
+                break
+            extra = {}
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                extra["val_loss"] = evaluate(state)
+            pending = (step, metrics, extra)
+            if step % config.checkpoint_interval == 0 or step == config.max_steps:
+                # Publish this step before saving it, so a run killed after the save has logged
+                # every step up to the checkpoint it resumes from.
+                action, pending = publish(*pending), None
+                if action == "stop":
+                    exit_code = EXIT_NAN_STOP
+                    break
+                manager.save(step, state, val_loss=extra.get("val_loss"), metadata=checkpoint_metadata)
+            if stop.requested:
+                exit_code = EXIT_INTERRUPTED
+                break
+        if pending and exit_code != EXIT_NAN_STOP:
+            action = publish(*pending)
+            if action == "stop":
+                exit_code = EXIT_NAN_STOP
+        if exit_code == EXIT_INTERRUPTED and manager.latest_step() != step:
+            manager.save(step, state, metadata=checkpoint_metadata)
+        progress.note("waiting for the last checkpoint to be written" if exit_code else "")
+        manager.wait_until_finished()
+    progress.close()
+    for tracker in trackers:
+        tracker.finish()
+    if is_logger:
+        print_summary(config, exit_code, step)
+    return exit_code
+
+
+def print_summary(config: TrainConfig, exit_code: int, step: int) -> None:
+    outcome = {EXIT_OK: "finished", EXIT_NAN_STOP: "stopped by the NaN alert",
+               EXIT_INTERRUPTED: "interrupted"}[exit_code]
+    print(f"run {outcome} at step {step}; run directory: {config.out_dir}", file=sys.stderr)
+    print(f"  plot:   python -m altgrad_jax.plot {config.out_dir}", file=sys.stderr)
+    if exit_code != EXIT_OK:
+        print("  resume: run the same command again (--resume auto)", file=sys.stderr)
