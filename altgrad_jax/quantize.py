@@ -159,13 +159,20 @@ def _counts_fast(magnitude: jax.Array, fmt: FloatFormat):
     return jnp.sum(overflow), jnp.sum(underflow), jnp.sum(nonzero)
 
 
-def _counts_with_nan(magnitude: jax.Array, fmt: FloatFormat):
+def _magnitude(x: jax.Array, scale) -> jax.Array:
+    return jnp.abs(x if scale is None else x / scale).reshape(-1)
+
+
+def _counts_exact(x: jax.Array, scale, fmt: FloatFormat):
+    """Compare-based counts that stay right with inf and NaN; slow on the CPU, so run only then."""
+
     def count(mask):
         return jnp.sum(jnp.where(mask, np.float32(1.0), np.float32(0.0)))
 
-    finite = magnitude <= _FLOAT32_MAX
+    magnitude = _magnitude(x, scale)
+    finite_x = jnp.isfinite(x).reshape(-1)
     return (
-        count((magnitude > np.float32(fmt.max_finite)) & finite),
+        count((magnitude > np.float32(fmt.max_finite)) & finite_x),
         count((magnitude > 0) & (magnitude <= np.float32(fmt.min_subnormal / 2))),
         count(magnitude != 0),  # NaN counts as nonzero, as in np.count_nonzero
     )
@@ -178,21 +185,23 @@ def quantization_counts(x, fmt: "str | FloatFormat", scale=1.0):
     underflow: x != 0 whose q(x/scale) is 0 (|x/scale| <= min_subnormal / 2);
     nonzero: x != 0 (NaN included). float32 subnormal inputs count as zero (XLA's CPU code
     flushes them). Counts are exact up to 2**24 (float32 integers).
-    The common path is one float-only pass; an exact compare-based recount runs instead (lax.cond)
-    only when x / scale holds an inf or NaN.
+    The common path is one float-only pass over x; an exact compare-based recount runs instead
+    (lax.cond) only when x / scale holds an inf or NaN.
     """
     fmt = get_format(fmt)
     x = _as_float32(x)
-    if not (isinstance(scale, (int, float)) and scale == 1):
-        x = x / jnp.asarray(scale, jnp.float32)
-    magnitude = jnp.abs(x).reshape(-1)
-    if magnitude.size == 0:
+    if x.size == 0:
         zero = jnp.zeros((), jnp.float32)
         return zero, zero, zero
-    fast = _counts_fast(magnitude, fmt)
+    unit_scale = isinstance(scale, (int, float)) and scale == 1
+    scale = None if unit_scale else jnp.asarray(scale, jnp.float32)
+    fast = _counts_fast(_magnitude(x, scale), fmt)
+    # The branches take x itself, not |x / scale|: an operand shared with the fast path would be
+    # materialised as a full-size temporary.
     return lax.cond(
         jnp.isnan(fast[2]),
-        lambda m: _counts_with_nan(m, fmt),
-        lambda m: fast,
-        magnitude,
+        lambda x, scale: _counts_exact(x, scale, fmt),
+        lambda x, scale: fast,
+        x,
+        scale,
     )

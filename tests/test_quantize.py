@@ -167,7 +167,7 @@ def test_straight_through_gradient_passes_the_cotangent_unquantized():
 
 def numpy_counts(x, fmt, scale):
     y = np.abs(x / np.float32(scale))
-    overflow = np.isfinite(y) & (y > fmt.max_finite)
+    overflow = np.isfinite(x) & (y > fmt.max_finite)
     underflow = (x != 0) & (brute_force_round(x / np.float32(scale), fmt) == 0)
     return overflow.sum(), underflow.sum(), np.count_nonzero(x)
 
@@ -193,6 +193,12 @@ def test_quantization_counts_with_nan_or_inf_recount_exactly(special):
     x = np.array([special, 1e9, -1e9, 1e-9, 0.0, 1.0, 448.0, 449.0], np.float32)
     counts = quantization_counts(x, "E4M3", 1.0)
     assert [float(c) for c in counts] == [3.0, 1.0, 7.0]  # inf is not an overflow; NaN != 0
+
+
+def test_finite_x_overflowing_to_inf_when_scaled_counts_as_overflow():
+    x = np.array([3e38, -3e38, 1.0, 0.0], np.float32)
+    counts = quantization_counts(x, "E5M2", jnp.float32(1e-3))  # x / scale is +-inf
+    assert [float(c) for c in counts] == [2.0, 0.0, 3.0]
 
 
 @pytest.mark.parametrize("size", [128 * 5, 1001, 96, 1])
