@@ -3,15 +3,33 @@
 Every function is pure and jittable, makes no host syncs, and returns a flat dict
 of scalar arrays whose names come from the tree key paths (`layer_name`).
 Counts (`param_nan_count`, `param_inf_count`) are int32 so they stay exact above
-2**24 elements; everything else is float32.
+2**24 elements; everything else is float32 (float64 for float64 leaves).
+
+Performance note (measured, see benchmarks/bench_metrics.py): on XLA:CPU the large
+reductions run in YNNPACK, where each reduction is its own pass over the leaf and
+each elementwise op costs about as much as a pass, while compare/select falls back
+to a slow native loop. The CPU formulation therefore uses only plain reductions
+(sum, sum of squares, max, min) plus one `ceil` count, and falls back to exact but
+slower passes, under `lax.cond`, only in the rare cases where the cheap form could
+be inaccurate. Other platforms fuse sibling reductions, so they use the plain form.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax import tree_util
 
 # An SNR is reported as 0 when the population std is at or below this.
 SNR_STD_FLOOR = 1e-10
+# Leaves smaller than this stay on XLA's native CPU path, where the plain form is fine.
+_FAST_PATH_MIN_SIZE = 4096
+# A float32 sum of 0/1 values is exact while it stays below 2**24.
+_EXACT_FLOAT_COUNT = 2.0**24
+# Trust E[g²] - E[g]² only while var >= E[g²]/4 (|mean|/std <= √3): its rounding
+# error is then at most 4x that of the sums; beyond that, centre first.
+_NAIVE_VAR_MIN_FRACTION = 0.25
 
 
 def layer_name(key_path) -> str:
@@ -32,7 +50,7 @@ def layer_name(key_path) -> str:
 
 
 def _named_leaves(tree, what: str) -> list[tuple[str, jax.Array]]:
-    """(name, float32 leaf) pairs; rejects empty trees and non-float leaves."""
+    """(name, leaf) pairs with leaves in float32 or wider; rejects empty trees and non-float leaves."""
     leaves_with_path, _ = tree_util.tree_flatten_with_path(tree)
     if not leaves_with_path:
         raise ValueError(f"{what} tree has no array leaves")
@@ -42,46 +60,125 @@ def _named_leaves(tree, what: str) -> list[tuple[str, jax.Array]]:
         leaf = jnp.asarray(leaf)
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise ValueError(f"{what} leaf {name!r} has non-float dtype {leaf.dtype}")
-        named.append((name, leaf.astype(jnp.float32)))
+        named.append((name, leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))))
     return named
 
 
-def _leaf_gradient_stats(g: jax.Array, threshold) -> dict[str, jax.Array]:
-    """Σg², max|g|, dead count and SNR of one leaf."""
-    flat = g.reshape(-1)
-    n = flat.size
+def _check_threshold(threshold):
+    """Returns the threshold as a Python float when it is concrete, else None (traced)."""
+    try:
+        value = float(threshold)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"dead-gradient threshold must be finite and >= 0, got {threshold!r}")
+    return value
+
+
+def _exact_dead_count(g, threshold):
+    return jnp.sum(jnp.abs(g) < threshold, dtype=jnp.int32)
+
+
+def _float_count_or_exact(float_count, g, threshold):
+    """Casts a float sum of 0/1 values to int32, recounting exactly if it may have rounded."""
+    return lax.cond(float_count < _EXACT_FLOAT_COUNT,
+                    lambda: float_count.astype(jnp.int32),
+                    lambda: _exact_dead_count(g, threshold))
+
+
+def _fast_dead_count(g, threshold: float, abs_max, sum_sq):
+    """Count of |g| < threshold (0 <= threshold <= 1) without compare/select.
+
+    ceil(t - |g|) is exactly 1 when |g| < t (then 0 < t - |g| <= t <= 1; the sign of
+    a float difference is exact) and lies in (-1, 0] when t <= |g| < 1, so while
+    max|g| < 1 its sum is the count. Otherwise max(., 0) clips the negative terms,
+    and non-finite leaves (where ceil/max would see NaN) are counted exactly.
+    """
+    def below_one(x):
+        return _float_count_or_exact(jnp.sum(jnp.ceil(threshold - jnp.abs(x))), x, threshold)
+
+    def clipped(x):
+        count = jnp.sum(jnp.maximum(jnp.ceil(threshold - jnp.abs(x)), 0.0))
+        return _float_count_or_exact(count, x, threshold)
+
+    def exact(x):
+        return _exact_dead_count(x, threshold)
+
+    branch = jnp.where(jnp.isfinite(sum_sq), jnp.where(abs_max < 1.0, 0, 1), 2)
+    return lax.switch(branch, [below_one, clipped, exact], g)
+
+
+def _variance(g, mean, sum_sq, g_max, g_min, n, cheap: bool):
+    """Population variance; exactly 0 for a constant leaf."""
+    def centred(x):
+        return jnp.sum(jnp.square(x - mean)) / n
+
+    if cheap:
+        naive = sum_sq / n - mean * mean
+        reliable = naive >= (sum_sq / n) * _NAIVE_VAR_MIN_FRACTION
+        var = lax.cond(reliable, lambda x: naive, centred, g)
+    else:
+        var = centred(g)
+    return jnp.where(g_max == g_min, 0.0, jnp.maximum(var, 0.0))
+
+
+def _leaf_gradient_stats(g: jax.Array, threshold, *, fast: bool) -> dict[str, jax.Array]:
+    """Σg², max|g|, dead fraction and SNR of one leaf.
+
+    fast=True is the XLA:CPU formulation (see the module docstring); fast=False is
+    the plain one, used on other platforms, for small leaves and traced thresholds.
+    """
+    n = g.size
     if n == 0:
-        zero = jnp.zeros((), jnp.float32)
+        zero = jnp.zeros((), g.dtype)
         return {"sum_sq": zero, "linf": zero, "dead_frac": zero, "snr": zero}
-    abs_g = jnp.abs(flat)
-    # Variance from sums shifted by one element of the leaf: a constant leaf gives
-    # exactly 0, and E[d²] - E[d]² loses little when |mean| >> std.
-    shift = flat[0]
-    d = flat - shift
-    sum_d = jnp.sum(d)
-    sum_d_sq = jnp.sum(d * d)
-    mean_d = sum_d / n
-    var = jnp.maximum(sum_d_sq / n - mean_d * mean_d, 0.0)
-    std = jnp.sqrt(var)
-    mean = shift + mean_d
+    threshold_value = _check_threshold(threshold)
+    fast = fast and n >= _FAST_PATH_MIN_SIZE and threshold_value is not None and threshold_value <= 1.0
+    sum_sq = jnp.sum(g * g)
+    mean = jnp.sum(g) / n
+    g_max, g_min = jnp.max(g), jnp.min(g)
+    if fast:
+        # max(g) and min(g) are two plain passes; max(|g|) would share |g| with the
+        # count, which XLA then materialises in a slow native loop.
+        abs_max = jnp.maximum(g_max, -g_min)
+        dead = _fast_dead_count(g, threshold_value, abs_max, sum_sq)
+    else:
+        abs_max = jnp.max(jnp.abs(g))
+        dead = _exact_dead_count(g, threshold)
+    # YNNPACK's max skips NaN where XLA's propagates it; Σg² tells which applies.
+    abs_max = jnp.where(jnp.isnan(sum_sq), jnp.nan, abs_max)
+    std = jnp.sqrt(_variance(g, mean, sum_sq, g_max, g_min, n, cheap=fast))
     snr = jnp.where(std > SNR_STD_FLOOR, jnp.abs(mean) / jnp.where(std > 0, std, 1.0), 0.0)
-    dead = jnp.sum(abs_g < threshold, dtype=jnp.int32)
     return {
-        "sum_sq": jnp.sum(flat * flat),
-        "linf": jnp.max(abs_g),
-        "dead_frac": dead.astype(jnp.float32) / n,
-        "snr": snr,
+        "sum_sq": sum_sq,
+        "linf": abs_max,
+        "dead_frac": dead.astype(g.dtype) / n,
+        "snr": snr.astype(g.dtype),
     }
 
 
+def _platform_leaf_stats(g, threshold):
+    """Picks the CPU or the plain formulation when the computation is lowered."""
+    keys = ("sum_sq", "linf", "dead_frac", "snr")
+
+    def run(fast):
+        def stats(x):
+            result = _leaf_gradient_stats(x, threshold, fast=fast)
+            return tuple(result[k] for k in keys)
+        return stats
+
+    return dict(zip(keys, lax.platform_dependent(g, cpu=run(True), default=run(False))))
+
+
 def compute_gradient_stats(grads, threshold: float = 1e-8) -> dict[str, jax.Array]:
-    """Per-leaf L2 norm, L∞ norm, dead fraction (|g| < threshold) and |mean|/std SNR,
-    their aggregates over leaves, and the global norm `grad_norm`."""
+    """Per-leaf L2 norm, L∞ norm, dead fraction (|g| < threshold, the threshold
+    rounded to the leaf's float type) and |mean|/std SNR (population std; 0 where
+    std <= 1e-10), their aggregates over leaves, and the global norm `grad_norm`."""
     named = _named_leaves(grads, "gradient")
     metrics = {}
     sum_sq, l2, linf, dead, snr = [], [], [], [], []
     for name, g in named:
-        stats = _leaf_gradient_stats(g, threshold)
+        stats = _platform_leaf_stats(g, threshold)
         norm = jnp.sqrt(stats["sum_sq"])
         metrics[f"grad_norm_l2/{name}"] = norm
         metrics[f"grad_norm_linf/{name}"] = stats["linf"]
@@ -92,14 +189,14 @@ def compute_gradient_stats(grads, threshold: float = 1e-8) -> dict[str, jax.Arra
         linf.append(stats["linf"])
         dead.append(stats["dead_frac"])
         snr.append(stats["snr"])
-    l2, linf, dead, snr = (jnp.stack(v) for v in (l2, linf, dead, snr))
+    l2, linf, dead, snr, sum_sq = (jnp.stack(jnp.broadcast_arrays(*v)) for v in (l2, linf, dead, snr, sum_sq))
     metrics["grad_norm_l2/mean"] = jnp.mean(l2)
     metrics["grad_norm_l2/min"] = jnp.min(l2)
     metrics["grad_norm_linf/max"] = jnp.max(linf)
     metrics["dead_neuron_frac/mean"] = jnp.mean(dead)
     metrics["grad_snr/mean"] = jnp.mean(snr)
     metrics["grad_snr/min"] = jnp.min(snr)
-    metrics["grad_norm"] = jnp.sqrt(jnp.sum(jnp.stack(sum_sq)))
+    metrics["grad_norm"] = jnp.sqrt(jnp.sum(sum_sq))
     return metrics
 
 
@@ -125,17 +222,28 @@ def gradient_cosine_similarity(grads_a, grads_b) -> dict[str, jax.Array]:
     for (name, a), (_, b) in zip(named_a, named_b):
         if a.shape != b.shape:
             raise ValueError(f"gradient leaf {name!r} has shape {a.shape} vs {b.shape}")
-        a, b = a.reshape(-1), b.reshape(-1)
         dot = jnp.sum(a * b)
         norms = jnp.sqrt(jnp.sum(a * a)) * jnp.sqrt(jnp.sum(b * b))
         cos = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 0.0)
         cos = jnp.clip(cos, -1.0, 1.0)
         metrics[f"grad_cos_sim/{name}"] = cos
         cosines.append(cos)
-    cosines = jnp.stack(cosines)
+    cosines = jnp.stack(jnp.broadcast_arrays(*cosines))
     metrics["grad_cos_sim/mean"] = jnp.mean(cosines)
     metrics["grad_cos_sim/min"] = jnp.min(cosines)
     return metrics
+
+
+def _leaf_nonfinite_counts(leaf):
+    """(NaN count, ±inf count) as int32; one plain sum decides whether to count at all,
+    since compare-and-count is slow on XLA:CPU and a finite sum means no NaN/inf."""
+    def count(x):
+        return jnp.sum(jnp.isnan(x), dtype=jnp.int32), jnp.sum(jnp.isinf(x), dtype=jnp.int32)
+
+    def none(x):
+        return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+
+    return lax.cond(jnp.isfinite(jnp.sum(leaf)), none, count, leaf)
 
 
 def compute_stability_metrics(params) -> dict[str, jax.Array]:
@@ -144,8 +252,9 @@ def compute_stability_metrics(params) -> dict[str, jax.Array]:
     inf_count = jnp.zeros((), jnp.int32)
     for leaf in tree_util.tree_leaves(params):
         leaf = jnp.asarray(leaf)
-        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact) or leaf.size == 0:
             continue
-        nan_count += jnp.sum(jnp.isnan(leaf), dtype=jnp.int32)
-        inf_count += jnp.sum(jnp.isinf(leaf), dtype=jnp.int32)
+        leaf_nan, leaf_inf = _leaf_nonfinite_counts(leaf)
+        nan_count += leaf_nan
+        inf_count += leaf_inf
     return {"param_nan_count": nan_count, "param_inf_count": inf_count}

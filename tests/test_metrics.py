@@ -2,6 +2,8 @@
 
 from typing import NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ import pytest
 from jax import tree_util
 
 from altgrad_jax.metrics import (
+    _fast_dead_count,
+    _leaf_gradient_stats,
     compute_gradient_stats,
     compute_stability_metrics,
     gradient_cosine_similarity,
@@ -44,6 +48,7 @@ def random_tree(seed: int) -> dict:
     }
 
 
+@np.errstate(invalid="ignore")
 def numpy_stats(tree, threshold=THRESHOLD) -> dict:
     expected, l2, linf, dead, snr = {}, [], [], [], []
     for path, leaf in tree_util.tree_flatten_with_path(tree)[0]:
@@ -96,6 +101,81 @@ def test_gradient_stats_edge_leaves():
     assert stats["dead_neuron_frac/at_threshold"] == np.float32(2 / 6)
     assert stats["grad_snr/constant"] == 0.0
     assert stats["grad_snr/scalar"] == 0.0
+
+
+def large_leaf_tree(seed: int) -> dict:
+    """Leaves big enough (>= 4096 values) for the fast CPU formulation and each of its fallbacks."""
+    rng = np.random.default_rng(seed)
+
+    def with_dead(values):
+        flat = values.reshape(-1)
+        idx = rng.choice(flat.size, size=flat.size // 10, replace=False)
+        flat[idx[0::4]] = 0.0
+        flat[idx[1::4]] = np.float32(T32) * rng.choice([-1, 1], size=idx[1::4].size)
+        flat[idx[2::4]] = np.nextafter(T32, np.float32(0)) * rng.choice([-1, 1], size=idx[2::4].size)
+        flat[idx[3::4]] = rng.uniform(-1, 1, size=idx[3::4].size) * T32
+        return values
+
+    def normal(*shape, scale=1.0, loc=0.0):
+        return (loc + scale * rng.standard_normal(shape)).astype(np.float32)
+
+    with_nan = with_dead(normal(64, 80, scale=1e-3))
+    with_nan[3, 5] = np.nan
+    with_inf = with_dead(normal(64, 80, scale=1e-3))
+    with_inf[7, 1] = -np.inf
+    return {
+        "small_values": with_dead(normal(96, 64, scale=1e-3)),   # max|g| < 1: plain ceil sum
+        "large_values": with_dead(normal(80, 64, scale=3.0)),    # max|g| >= 1: clipped ceil sum
+        "with_nan": with_nan,                                     # non-finite: exact count
+        "with_inf": with_inf,
+        "offset": normal(8192, scale=1e-2, loc=10.0),             # |mean| >> std: centred variance
+        "constant": np.full((64, 128), 0.1, np.float32),
+        "zeros": np.zeros((4096, 2), np.float32),
+        "tiny": normal(4096, scale=1e-12),
+    }
+
+
+def test_fast_cpu_formulation_matches_numpy():
+    tree = large_leaf_tree(11)
+    assert_metrics_close(jax.jit(compute_gradient_stats)(tree), numpy_stats(tree), rtol=1e-4)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 2.5])
+def test_static_thresholds_on_large_leaves(threshold):
+    tree = large_leaf_tree(12)
+    stats = jax.jit(functools.partial(compute_gradient_stats, threshold=threshold))(tree)
+    expected = numpy_stats(tree, threshold)
+    for name in tree:
+        assert float(stats[f"dead_neuron_frac/{name}"]) == pytest.approx(
+            expected[f"dead_neuron_frac/{name}"], rel=1e-6, abs=0), name
+
+
+def test_plain_formulation_matches_numpy():
+    """The form used on GPU/TPU (and for small leaves) against NumPy, on the CPU."""
+    tree = large_leaf_tree(13) | random_tree(13)
+    expected = numpy_stats(tree)
+    plain = jax.jit(functools.partial(_leaf_gradient_stats, threshold=THRESHOLD, fast=False))
+    for path, leaf in tree_util.tree_flatten_with_path(tree)[0]:
+        name = layer_name(path)
+        stats = plain(jnp.asarray(leaf))
+        np.testing.assert_allclose(np.sqrt(float(stats["sum_sq"])), expected[f"grad_norm_l2/{name}"], rtol=1e-5)
+        np.testing.assert_allclose(float(stats["linf"]), expected[f"grad_norm_linf/{name}"], rtol=1e-7)
+        np.testing.assert_allclose(float(stats["dead_frac"]), expected[f"dead_neuron_frac/{name}"], rtol=1e-6)
+        np.testing.assert_allclose(float(stats["snr"]), expected[f"grad_snr/{name}"], rtol=1e-4, atol=1e-12)
+
+
+def test_dead_count_above_float32_integer_range():
+    """An odd count above 2**24 has no float32 representation; the count must still be exact."""
+    g = jnp.zeros((4097, 4096), jnp.float32).at[0, :5].set(0.5)
+    count = jax.jit(lambda x: _fast_dead_count(x, THRESHOLD, jnp.max(jnp.abs(x)), jnp.sum(x * x)))(g)
+    assert count.dtype == jnp.int32 and int(count) == g.size - 5
+    frac = jax.jit(compute_gradient_stats)({"g": g})["dead_neuron_frac/g"]
+    assert abs(float(frac) * g.size - (g.size - 5)) <= 2  # float32 spacing near 2**24 is 2
+
+
+def test_bad_threshold_raises():
+    with pytest.raises(ValueError, match="threshold must be finite and >= 0"):
+        compute_gradient_stats({"g": np.ones(3, np.float32)}, threshold=-1e-8)
 
 
 def test_dead_fraction_is_an_exact_count():
