@@ -85,9 +85,13 @@ def _fake_quantize_bwd(fmt, _, cotangent):
 _fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
 
 
+def _reciprocal(scale: jax.Array) -> jax.Array:
+    return np.float32(1.0) / scale
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _fake_quantize_scaled(x, scale, fmt):
-    return _round(x / scale, fmt) * scale
+    return _round(x * _reciprocal(scale), fmt) * scale
 
 
 def _fake_quantize_scaled_fwd(x, scale, fmt):
@@ -104,10 +108,16 @@ _fake_quantize_scaled.defvjp(_fake_quantize_scaled_fwd, _fake_quantize_scaled_bw
 def quantize(x, fmt: "str | FloatFormat", scale=1.0) -> jax.Array:
     """Fake-quantize: float32 `scale * q(x / scale)` with q = round_to_format.
 
+    `x / scale` is computed as `x * (1 / scale)`, the reciprocal rounded once to float32: that
+    is what XLA's CPU backend makes of a division by a scalar anyway (it differs from a true
+    division by at most one float32 ulp before rounding to the 8-bit grid); spelling it out keeps
+    every backend and quantization_counts in agreement bit for bit. `scale` should be positive
+    and finite.
+
     The gradient is straight-through: identity for `x` (the cotangent itself is not quantized),
     zero for `scale`. `fmt` is static (a name or a FloatFormat); `scale` is a float or a traced
     float32 array broadcastable to `x` (normally a scalar). A Python scale of 1.0 skips the
-    division and multiplication.
+    scaling altogether.
     """
     fmt = get_format(fmt)
     x = _as_float32(x)
@@ -118,11 +128,13 @@ def quantize(x, fmt: "str | FloatFormat", scale=1.0) -> jax.Array:
 
 # Counting. XLA's CPU backend runs a reduction fast (YNNPACK fusion) only when every fused op is
 # plain float arithmetic: a compare, select, clamp, integer op or bitcast in the reduced
-# expression, or a subexpression shared between two reductions, makes it materialise full-size
-# temporaries and run 10-60x slower than a sum of squares (measured in
-# benchmarks/bench_quantize.py). So the three counts are packed into ONE float sum of exact
-# small integers, per row of at most 128 elements, and unpacked from the row sums afterwards.
-_ROW = 128  # each field of a row sum stays <= 128 < 256, and the packed row sum < 2**24
+# expression makes it run 10-60x slower than a sum of squares, and anything full-size the
+# reduction shares with other code (even a broadcast constant or |x|) is materialised as a
+# temporary first (measured in benchmarks/bench_quantize.py). So the three counts are packed into
+# ONE float sum of exact small integers per row of at most 128 elements, unpacked from the row
+# sums afterwards, and computed from an opaque copy of x (optimization_barrier) on |x/scale|/2,
+# so that neither the values nor the threshold constants coincide with a quantize of x.
+_ROWS = (128, 64, 32, 16, 8, 4, 2, 1)  # each field of a row sum <= 128 < 256; row sum < 2**24
 _NONZERO_WEIGHT = 65536 + 256  # nonzero also enters the middle field, minus the "above" count
 
 
@@ -136,22 +148,24 @@ def _above(magnitude: jax.Array, threshold: float, weight: float) -> jax.Array:
     return step * np.float32(weight / (float(t_next) - float(t)))
 
 
-def _packed_counts(magnitude: jax.Array, fmt: FloatFormat):
-    """Per element: overflow + 256 * underflow + 65536 * nonzero, as a float; NaN for inf/NaN."""
+def _packed_counts(half_magnitude: jax.Array, fmt: FloatFormat):
+    """Per element of |x/scale|/2: overflow + 256 * underflow + 65536 * nonzero, as a float
+    (nonzero - above_edge is the underflow); NaN for inf and NaN."""
     underflow_edge = fmt.min_subnormal / 2  # the tie at half the smallest subnormal goes to 0
-    nonzero = jnp.minimum(magnitude * np.float32(2.0**127), np.float32(1.0))
+    nonzero = jnp.minimum(half_magnitude * np.float32(2.0**127), np.float32(1.0))
     return (
-        _above(magnitude, fmt.max_finite, 1.0)
-        + _above(magnitude, underflow_edge, -256.0)
+        _above(half_magnitude, fmt.max_finite / 2, 1.0)
+        + _above(half_magnitude, underflow_edge / 2, -256.0)
         + nonzero * np.float32(_NONZERO_WEIGHT)
-        + (magnitude - magnitude)  # NaN for inf and NaN: they take the exact path below
+        + (half_magnitude - half_magnitude)  # NaN for inf and NaN: they take the exact path
     )
 
 
-def _counts_fast(magnitude: jax.Array, fmt: FloatFormat):
-    size = magnitude.size
-    row = next(r for r in (128, 64, 32, 16, 8, 4, 2, 1) if size % r == 0)
-    row_sums = jnp.sum(_packed_counts(magnitude, fmt).reshape(-1, row), axis=1)
+def _counts_fast(x: jax.Array, inverse_scale, fmt: FloatFormat):
+    x, inverse_scale = lax.optimization_barrier((x, inverse_scale))
+    half_magnitude = _magnitude(x, inverse_scale) * np.float32(0.5)  # exact but below 2**-125
+    row = next(r for r in _ROWS if x.size % r == 0)
+    row_sums = jnp.sum(_packed_counts(half_magnitude, fmt).reshape(-1, row), axis=1)
     nonzero = jnp.floor(row_sums * np.float32(1 / 65536))
     rest = row_sums - nonzero * np.float32(65536)
     underflow = jnp.floor(rest * np.float32(1 / 256))
@@ -159,17 +173,17 @@ def _counts_fast(magnitude: jax.Array, fmt: FloatFormat):
     return jnp.sum(overflow), jnp.sum(underflow), jnp.sum(nonzero)
 
 
-def _magnitude(x: jax.Array, scale) -> jax.Array:
-    return jnp.abs(x if scale is None else x / scale).reshape(-1)
+def _magnitude(x: jax.Array, inverse_scale) -> jax.Array:
+    return jnp.abs(x if inverse_scale is None else x * inverse_scale).reshape(-1)
 
 
-def _counts_exact(x: jax.Array, scale, fmt: FloatFormat):
+def _counts_exact(x: jax.Array, inverse_scale, fmt: FloatFormat):
     """Compare-based counts that stay right with inf and NaN; slow on the CPU, so run only then."""
 
     def count(mask):
         return jnp.sum(jnp.where(mask, np.float32(1.0), np.float32(0.0)))
 
-    magnitude = _magnitude(x, scale)
+    magnitude = _magnitude(x, inverse_scale)
     finite_x = jnp.isfinite(x).reshape(-1)
     return (
         count((magnitude > np.float32(fmt.max_finite)) & finite_x),
@@ -183,8 +197,9 @@ def quantization_counts(x, fmt: "str | FloatFormat", scale=1.0):
 
     overflow: finite x with |x/scale| > max_finite (saturated by quantize);
     underflow: x != 0 whose q(x/scale) is 0 (|x/scale| <= min_subnormal / 2);
-    nonzero: x != 0 (NaN included). float32 subnormal inputs count as zero (XLA's CPU code
-    flushes them). Counts are exact up to 2**24 (float32 integers).
+    nonzero: x != 0 (NaN included). x / scale is x * (1 / scale), exactly as in quantize.
+    |x/scale| below 2**-125 counts as zero (XLA's CPU code flushes float32 subnormals).
+    Counts are exact up to 2**24 (float32 integers).
     The common path is one float-only pass over x; an exact compare-based recount runs instead
     (lax.cond) only when x / scale holds an inf or NaN.
     """
@@ -194,14 +209,12 @@ def quantization_counts(x, fmt: "str | FloatFormat", scale=1.0):
         zero = jnp.zeros((), jnp.float32)
         return zero, zero, zero
     unit_scale = isinstance(scale, (int, float)) and scale == 1
-    scale = None if unit_scale else jnp.asarray(scale, jnp.float32)
-    fast = _counts_fast(_magnitude(x, scale), fmt)
-    # The branches take x itself, not |x / scale|: an operand shared with the fast path would be
-    # materialised as a full-size temporary.
+    inverse_scale = None if unit_scale else _reciprocal(jnp.asarray(scale, jnp.float32))
+    fast = _counts_fast(x, inverse_scale, fmt)
     return lax.cond(
         jnp.isnan(fast[2]),
-        lambda x, scale: _counts_exact(x, scale, fmt),
-        lambda x, scale: fast,
+        lambda x, inverse_scale: _counts_exact(x, inverse_scale, fmt),
+        lambda x, inverse_scale: fast,
         x,
-        scale,
+        inverse_scale,
     )

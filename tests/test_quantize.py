@@ -127,12 +127,25 @@ def test_specials_saturate_and_keep_sign():
         assert out[3] == 0 and not np.signbit(out[3]) and np.signbit(out[4])
 
 
-@pytest.mark.parametrize("name", ["E4M3", "E2M5"])
-def test_scale_divides_before_and_multiplies_after(name):
+def near_scaled_midpoints(fmt, scale) -> np.ndarray:
+    """x within a few ulps of scale * (each midpoint and max_finite): x * (1 / scale) lands on,
+    above and below the ties and the overflow threshold."""
+    grid = layout_code_values(fmt)
+    target = (np.append((grid[1:] + grid[:-1]) / 2, grid[-1]) * scale).astype(np.float32)
+    steps = np.arange(-3, 4, dtype=np.int32)
+    x = (target.view(np.int32)[:, None] + steps[None, :]).ravel().view(np.float32)
+    return np.concatenate([x, -x])
+
+
+@pytest.mark.parametrize("name", ["E4M3", "E2M5", "E7M0"])
+def test_scale_multiplies_by_the_float32_reciprocal_then_by_the_scale(name):
     fmt = FORMATS[name]
-    x = (RNG.standard_normal(2000) * 37).astype(np.float32)
     scale = np.float32(0.173)
-    expected = brute_force_round(x / scale, fmt) * scale  # float32 division, then float32 product
+    inverse = np.float32(1) / scale
+    x = np.concatenate([(RNG.standard_normal(2000) * 37).astype(np.float32), near_scaled_midpoints(fmt, scale)])
+    expected = brute_force_round(x * inverse, fmt) * scale
+    by_division = brute_force_round(x / scale, fmt) * scale
+    assert np.any(expected != by_division)  # the probe tells the two definitions apart
     np.testing.assert_array_equal(quantize(x, name, scale), expected)
     np.testing.assert_array_equal(jax.jit(quantize, static_argnums=1)(x, name, jnp.float32(scale)), expected)
     np.testing.assert_array_equal(quantize(x, name, 2.0), brute_force_round(x / 2, fmt) * 2)
@@ -140,7 +153,7 @@ def test_scale_divides_before_and_multiplies_after(name):
 
 def test_jit_equals_eager_and_shapes_are_kept():
     x = jnp.asarray(RNG.standard_normal((3, 5, 7)).astype(np.float32) * 100)
-    for fmt in FORMATS.values():
+    for fmt in (FORMATS["E5M2"], FORMATS["E0M7"], FORMATS["E7M0"]):  # both branches, no branch
         eager = quantize(x, fmt, 0.5)
         jitted = jax.jit(quantize, static_argnums=1)(x, fmt, 0.5)
         assert eager.shape == x.shape and eager.dtype == jnp.float32
@@ -166,9 +179,9 @@ def test_straight_through_gradient_passes_the_cotangent_unquantized():
 
 
 def numpy_counts(x, fmt, scale):
-    y = np.abs(x / np.float32(scale))
-    overflow = np.isfinite(x) & (y > fmt.max_finite)
-    underflow = (x != 0) & (brute_force_round(x / np.float32(scale), fmt) == 0)
+    y = x * (np.float32(1) / np.float32(scale))
+    overflow = np.isfinite(x) & (np.abs(y) > fmt.max_finite)
+    underflow = (x != 0) & (brute_force_round(y, fmt) == 0)
     return overflow.sum(), underflow.sum(), np.count_nonzero(x)
 
 
@@ -177,8 +190,9 @@ def numpy_counts(x, fmt, scale):
 def test_quantization_counts_match_numpy(name, with_inf):
     # Finite inputs take the one-pass packed path; an inf sends them to the exact recount.
     fmt = FORMATS[name]
-    scale = np.float32(0.75)
+    scale = np.float32(0.173)
     x = probe_values(layout_code_values(fmt), fmt) * scale
+    x = np.concatenate([x, near_scaled_midpoints(fmt, scale)])
     x = x[~np.isnan(x) & (with_inf | np.isfinite(x))]
     x = x[(np.abs(x) >= 2**-125) | (x == 0)]  # XLA flushes float32 subnormals to zero
     expected = numpy_counts(x, fmt, scale)
@@ -201,7 +215,7 @@ def test_finite_x_overflowing_to_inf_when_scaled_counts_as_overflow():
     assert [float(c) for c in counts] == [2.0, 0.0, 3.0]
 
 
-@pytest.mark.parametrize("size", [128 * 5, 1001, 96, 1])
+@pytest.mark.parametrize("size", [128 * 5, 1001, 1])
 def test_quantization_counts_saturated_rows_and_odd_sizes(size):
     # The counts are packed per row of up to 128 elements: fill whole rows with one kind.
     fmt = FORMATS["E5M2"]
@@ -210,9 +224,9 @@ def test_quantization_counts_saturated_rows_and_odd_sizes(size):
     x = RNG.permutation(x) if size == 1001 else x
     expected = numpy_counts(x, fmt, 1.0)
     assert [float(c) for c in quantization_counts(x, fmt)] == [float(e) for e in expected]
-    assert [float(c) for c in quantization_counts(x.reshape(-1, 1), fmt)] == [float(e) for e in expected]
-    empty = quantization_counts(np.zeros((0, 3), np.float32), fmt)
-    assert [float(c) for c in empty] == [0.0, 0.0, 0.0]
+    if size == 1:
+        empty = quantization_counts(np.zeros((0, 3), np.float32), fmt)
+        assert [float(c) for c in empty] == [0.0, 0.0, 0.0]
 
 
 def test_bad_input_raises_clear_errors():
