@@ -1,7 +1,30 @@
 """Data parallelism with JAX's own sharding: one `data` mesh axis, the batch split along it, the
-train state replicated. Every sharding decision lives here so that sharding params later means
-changing `state_shardings` alone. The jitted step is unchanged: XLA inserts the gradient all-reduce,
-so metrics and amax values are those of the global batch."""
+train state replicated.
+
+Every sharding decision lives here, so that sharding params later means changing
+`state_shardings` alone. The jitted step needs no change: it follows the shardings of its inputs
+and XLA (GSPMD) inserts the all-reduces. Every reduction in the step is written over the global
+arrays (the loss mean, the gradient sums, `jnp.max` for amax, the quantization counts), so its
+metrics and amax histories are those of the global batch, not of one shard; tests/test_sharding.py
+checks this against a one-device run.
+
+Multi-host (one process per host, each seeing its local devices): set, on every process,
+    JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator service (e.g. "10.0.0.1:1234")
+    JAX_NUM_PROCESSES        the number of processes (e.g. 4)
+    JAX_PROCESS_ID           this process's id, 0 .. JAX_NUM_PROCESSES-1
+and `maybe_initialize_distributed()` calls `jax.distributed.initialize()` with them before
+anything touches a device. Without JAX_COORDINATOR_ADDRESS nothing is initialised (one process).
+On SLURM, Open MPI or Cloud TPU, set JAX_COORDINATOR_ADDRESS alone (or leave the other two unset)
+and JAX reads the process count and id from the cluster environment. Then:
+- the mesh spans every device of every process (`mesh.data_parallel` must be -1 or the global
+  device count); `batch_size` is the GLOBAL batch and must divide by the device count;
+- every process computes the same global host batch (batches are a pure function of seed and
+  step) and `put_batch` hands each device its own rows, so no data is exchanged;
+- only process 0 writes metrics, alerts and W&B (`jax.process_index() == 0`); metrics are
+  replicated scalars, readable on every process;
+- all processes call the checkpoint manager: Orbax writes and restores the global arrays
+  together (the directory must be on a file system every host sees).
+"""
 
 from __future__ import annotations
 
@@ -9,36 +32,58 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 DATA_AXIS = "data"
 
-# Variables that make `maybe_initialize_distributed` call jax.distributed.initialize();
-# JAX reads the coordinator, process count and id from them (or from SLURM/Open MPI/TPU metadata).
+# Variables read by `maybe_initialize_distributed` (see the module docstring).
 DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def maybe_initialize_distributed() -> None:
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in os.environ else None,
-            process_id=int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
-        )
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` when JAX_COORDINATOR_ADDRESS is set; True if it was called."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return False
+    try:
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None
+        process_id = int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None
+    except ValueError:
+        raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got "
+                         f"{os.environ.get('JAX_NUM_PROCESSES')!r} and {os.environ.get('JAX_PROCESS_ID')!r}") from None
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+    return True
 
 
 def data_parallel_size(mesh_config) -> int:
+    """The number of devices along `data`: all of them for -1, else the configured divisor."""
     available = jax.device_count()
     wanted = available if mesh_config.data_parallel == -1 else mesh_config.data_parallel
     if wanted > available or available % wanted:
         raise ValueError(f"mesh.data_parallel={mesh_config.data_parallel} does not fit the {available} "
                          "available devices (use -1 for all, or a divisor of the device count)")
+    if jax.process_count() > 1 and wanted != available:
+        raise ValueError(f"mesh.data_parallel={mesh_config.data_parallel}: with {jax.process_count()} processes "
+                         f"the mesh must span all {available} devices (use -1)")
     return wanted
 
 
-def make_mesh(mesh_config) -> Mesh | None:
-    """A 1-D data mesh, or None for a single device (the plain unsharded path)."""
+def check_batch_divisible(batch_size: int, data_size: int) -> None:
+    if batch_size % data_size:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the data-parallel size {data_size} "
+                         "(mesh.data_parallel, or the device count when it is -1)")
+
+
+def make_mesh(mesh_config, batch_size: int | None = None) -> Mesh | None:
+    """A 1-D `data` mesh, or None for a single device (the plain unsharded path).
+
+    With `batch_size`, also checks that the batch splits evenly over the mesh.
+    Axis type Auto: the step is written for GSPMD propagation, not explicit sharding types
+    (`jax.make_mesh` would default to Explicit).
+    """
     size = data_parallel_size(mesh_config)
+    if batch_size is not None:
+        check_batch_divisible(batch_size, size)
     if size == 1:
         return None
     devices = np.asarray(jax.devices()[:size])
@@ -46,19 +91,38 @@ def make_mesh(mesh_config) -> Mesh | None:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split along `data`, the sequence axis whole."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def state_shardings(state, mesh: Mesh):
-    """Replicated everywhere for now: the one place to change when params get sharded."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda _: replicated, state)
+def state_shardings(state, mesh: Mesh | None):
+    """Replicated everywhere for now: the one place to change when params get sharded.
+
+    `state` may be concrete or abstract; with `mesh` None every leaf goes to the default device.
+    """
+    sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                else NamedSharding(mesh, PartitionSpec()))
+    return jax.tree.map(lambda _: sharding, state)
+
+
+def with_shardings(abstract_state, mesh: Mesh | None):
+    """`abstract_state` (ShapeDtypeStructs, e.g. `abstract_train_state(config)`) with the shardings
+    of `state_shardings`: the restore target that lays a checkpoint out on this mesh, whatever
+    device count it was saved from."""
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract_state, state_shardings(abstract_state, mesh))
 
 
 def put_batch(batch, mesh: Mesh | None):
-    """Host batch (identical on every process, since batches are a function of seed and step) to devices."""
+    """Host batch (the same global batch on every process) -> device arrays split along `data`.
+
+    Each process materialises only the rows of its own devices.
+    """
     if mesh is None:
         return jax.device_put(batch)
+    size = mesh.shape[DATA_AXIS]
+    for array in batch:
+        check_batch_divisible(array.shape[0], size)
     sharding = batch_sharding(mesh)
     return tuple(jax.make_array_from_callback(array.shape, sharding, lambda index, a=array: a[index])
                  for array in batch)
