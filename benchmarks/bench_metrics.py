@@ -4,7 +4,8 @@ The tree has the shapes of the default GPT with the GPT-2 vocabulary (6 layers, 
 vocab 50304, untied head): about 49M float32 values. Like a real embedding gradient, most
 wte rows are exactly zero (tokens absent from the batch), so the dead count has work to do.
 Baseline and metrics are timed alternately in one run; the median of the per-round ratios
-is printed as one JSON object. `--breakdown` also times each statistic alone, in several
+(wall time, and CPU time of the process as a load-insensitive check) is printed as one JSON
+object. `--breakdown` also times each statistic alone, in several
 formulations, against the same baseline (that is how the CPU formulation was chosen).
 
     python benchmarks/bench_metrics.py [--quick] [--rounds N] [--breakdown]
@@ -73,10 +74,11 @@ BREAKDOWN = {
 }
 
 
-def time_once(fn, tree) -> float:
-    start = time.perf_counter()
+def time_once(fn, tree) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(tree))
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def compare(candidates: dict, baseline, tree, rounds: int) -> dict:
@@ -85,18 +87,21 @@ def compare(candidates: dict, baseline, tree, rounds: int) -> dict:
         for _ in range(3):  # burn-in: compile, warm caches and allocator
             jax.block_until_ready(fn(tree))
     ratios = {name: [] for name in candidates}
+    cpu_ratios = {name: [] for name in candidates}
     millis = {name: [] for name in candidates}
     base_ms = []
     for _ in range(rounds):
         for name, fn in candidates.items():
-            base = time_once(baseline, tree)
-            took = time_once(fn, tree)
-            base_ms.append(1e3 * base)
-            millis[name].append(1e3 * took)
-            ratios[name].append(took / base)
+            base_wall, base_cpu = time_once(baseline, tree)
+            wall, cpu = time_once(fn, tree)
+            base_ms.append(1e3 * base_wall)
+            millis[name].append(1e3 * wall)
+            ratios[name].append(wall / base_wall)
+            cpu_ratios[name].append(cpu / max(base_cpu, 1e-9))
     return {
         "baseline_ms": round(statistics.median(base_ms), 3),
         **{name: {"ratio": round(statistics.median(ratios[name]), 2),
+                  "cpu_ratio": round(statistics.median(cpu_ratios[name]), 2),
                   "ms": round(statistics.median(millis[name]), 3)} for name in candidates},
     }
 
@@ -127,6 +132,8 @@ def main():
         "baseline_ms": result["baseline_ms"],
         "metrics_ms": result["compute_gradient_stats"]["ms"],
         "ratio_median": result["compute_gradient_stats"]["ratio"],
+        # Process CPU time ratio: the work done, less sensitive to other load on the machine.
+        "cpu_time_ratio_median": result["compute_gradient_stats"]["cpu_ratio"],
     }
     if args.breakdown:
         report["breakdown"] = compare({k: per_leaf(f) for k, f in BREAKDOWN.items()}, baseline, tree,
