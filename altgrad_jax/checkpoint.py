@@ -28,6 +28,7 @@ signal during that wait abandons the save (its temporary directory is cleaned up
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import math
@@ -65,11 +66,16 @@ class CheckpointVersionWarning(UserWarning):
     """The checkpoint was written by other library versions than the running ones."""
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that decide how a state is computed and stored."""
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
     versions = {name: importlib.metadata.version(name) for name in _VERSIONED_DISTRIBUTIONS}
     versions["python"] = platform.python_version()
-    return versions
+    return tuple(versions.items())
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide how a state is computed and stored."""
+    return dict(_installed_versions())
 
 
 def _path_name(key_path) -> str:
