@@ -126,51 +126,51 @@ def quantize(x, fmt: "str | FloatFormat", scale=1.0) -> jax.Array:
     return _fake_quantize_scaled(x, jnp.asarray(scale, jnp.float32), fmt)
 
 
-# Counting. XLA's CPU backend runs a reduction fast (YNNPACK fusion) only when every fused op is
-# plain float arithmetic: a compare, select, clamp, integer op or bitcast in the reduced
-# expression makes it run 10-60x slower than a sum of squares, and anything full-size the
-# reduction shares with other code (even a broadcast constant or |x|) is materialised as a
-# temporary first (measured in benchmarks/bench_quantize.py). So the three counts are packed into
-# ONE float sum of exact small integers per row of at most 128 elements, unpacked from the row
-# sums afterwards, and computed from an opaque copy of x (optimization_barrier) on |x/scale|/2,
-# so that neither the values nor the threshold constants coincide with a quantize of x.
-_ROWS = (128, 64, 32, 16, 8, 4, 2, 1)  # each field of a row sum <= 128 < 256; row sum < 2**24
-_NONZERO_WEIGHT = 65536 + 256  # nonzero also enters the middle field, minus the "above" count
+# Counting. XLA's CPU backend runs a full reduction fast (YNNPACK fusion) only when every fused
+# op is plain float arithmetic: a compare, select, clamp, integer op or bitcast in the reduced
+# expression makes it 10-60x slower than a sum of squares, so does a partial (row) reduction,
+# and anything full-size a reduction shares with other code (|x|, x * (1/scale), even a
+# broadcast constant) is first materialised as a temporary (measured in
+# benchmarks/bench_quantize.py). So each count is its own full float sum of exact 0/1 values
+# (exact up to 2**24 elements), over its own opaque copy of x (optimization_barrier), on |x/scale|
+# times its own power of two, so that neither values nor constants coincide with each other or
+# with a quantize of the same x.
 
 
-def _above(magnitude: jax.Array, threshold: float, weight: float) -> jax.Array:
-    """weight where magnitude > threshold else 0, from two mins: the difference of
-    min(m, t+) and min(m, t) is 0 for m <= t and exactly t+ - t (a power of two) for m >= t+,
-    where t+ is the next float32 after t; no float32 lies strictly between them."""
+def _count_above(magnitude: jax.Array, threshold: float) -> jax.Array:
+    """How many magnitudes exceed the threshold, from two mins: min(m, t+) - min(m, t) is 0 for
+    m <= t and exactly t+ - t (a power of two) for m >= t+, where t+ is the next float32 after
+    t (no float32 lies strictly between them); the sum of these is exact, then rescaled."""
     t = np.float32(threshold)
     t_next = np.nextafter(t, np.float32(np.inf))
-    step = jnp.minimum(magnitude, t_next) - jnp.minimum(magnitude, t)
-    return step * np.float32(weight / (float(t_next) - float(t)))
-
-
-def _packed_counts(half_magnitude: jax.Array, fmt: FloatFormat):
-    """Per element of |x/scale|/2: overflow + 256 * underflow + 65536 * nonzero, as a float
-    (nonzero - above_edge is the underflow); NaN for inf and NaN."""
-    underflow_edge = fmt.min_subnormal / 2  # the tie at half the smallest subnormal goes to 0
-    nonzero = jnp.minimum(half_magnitude * np.float32(2.0**127), np.float32(1.0))
-    return (
-        _above(half_magnitude, fmt.max_finite / 2, 1.0)
-        + _above(half_magnitude, underflow_edge / 2, -256.0)
-        + nonzero * np.float32(_NONZERO_WEIGHT)
-        + (half_magnitude - half_magnitude)  # NaN for inf and NaN: they take the exact path
-    )
+    steps = jnp.sum(jnp.minimum(magnitude, t_next) - jnp.minimum(magnitude, t))
+    return steps * np.float32(1.0 / (float(t_next) - float(t)))
 
 
 def _counts_fast(x: jax.Array, inverse_scale, fmt: FloatFormat):
-    x, inverse_scale = lax.optimization_barrier((x, inverse_scale))
-    half_magnitude = _magnitude(x, inverse_scale) * np.float32(0.5)  # exact but below 2**-125
-    row = next(r for r in _ROWS if x.size % r == 0)
-    row_sums = jnp.sum(_packed_counts(half_magnitude, fmt).reshape(-1, row), axis=1)
-    nonzero = jnp.floor(row_sums * np.float32(1 / 65536))
-    rest = row_sums - nonzero * np.float32(65536)
-    underflow = jnp.floor(rest * np.float32(1 / 256))
-    overflow = rest - underflow * np.float32(256)
-    return jnp.sum(overflow), jnp.sum(underflow), jnp.sum(nonzero)
+    """(overflow, underflow, nonzero) float sums; nonzero is NaN when x holds an inf or NaN."""
+    (x_nonzero, _), (x_over, inv_over), (x_above, inv_above) = lax.optimization_barrier(
+        ((x, inverse_scale),) * 3
+    )
+    magnitude = jnp.abs(x_nonzero)  # x != 0 does not depend on the scale
+    nonzero = jnp.sum(
+        jnp.minimum(magnitude * np.float32(2.0**127), np.float32(1.0))
+        + (magnitude - magnitude)  # NaN for inf and NaN: they take the exact path
+    )
+    # Scaling by 1/2 and 1/4 is exact (it only flushes |x/scale| < 2**-124, far below both).
+    overflow = _count_above(_magnitude(x_over, _times(inv_over, 0.5)), fmt.max_finite / 2)
+    # Half the smallest subnormal is the tie that rounds to 0, so it still underflows.
+    above_edge = _count_above(
+        _magnitude(x_above, _times(inv_above, 0.25)), fmt.min_subnormal / 2 / 4
+    )
+    return overflow, nonzero - above_edge, nonzero
+
+
+def _times(inverse_scale, factor: float):
+    """inverse_scale * factor as one scalar (a power-of-two factor keeps it exact)."""
+    if inverse_scale is None:
+        return jnp.float32(factor)
+    return inverse_scale * np.float32(factor)
 
 
 def _magnitude(x: jax.Array, inverse_scale) -> jax.Array:
@@ -188,7 +188,7 @@ def _counts_exact(x: jax.Array, inverse_scale, fmt: FloatFormat):
     return (
         count((magnitude > np.float32(fmt.max_finite)) & finite_x),
         count((magnitude > 0) & (magnitude <= np.float32(fmt.min_subnormal / 2))),
-        count(magnitude != 0),  # NaN counts as nonzero, as in np.count_nonzero
+        count(x.reshape(-1) != 0),  # NaN counts as nonzero, as in np.count_nonzero
     )
 
 
@@ -198,10 +198,10 @@ def quantization_counts(x, fmt: "str | FloatFormat", scale=1.0):
     overflow: finite x with |x/scale| > max_finite (saturated by quantize);
     underflow: x != 0 whose q(x/scale) is 0 (|x/scale| <= min_subnormal / 2);
     nonzero: x != 0 (NaN included). x / scale is x * (1 / scale), exactly as in quantize.
-    |x/scale| below 2**-125 counts as zero (XLA's CPU code flushes float32 subnormals).
-    Counts are exact up to 2**24 (float32 integers).
-    The common path is one float-only pass over x; an exact compare-based recount runs instead
-    (lax.cond) only when x / scale holds an inf or NaN.
+    float32 subnormals (|x| < 2**-126) count as zero: XLA's CPU code flushes them.
+    Counts are exact up to 2**24 elements (float32 integers).
+    The common path is three fast float-only sums over x; an exact compare-based recount runs
+    instead (lax.cond) only when x holds an inf or NaN (or scale is 0 or not finite).
     """
     fmt = get_format(fmt)
     x = _as_float32(x)
@@ -212,7 +212,7 @@ def quantization_counts(x, fmt: "str | FloatFormat", scale=1.0):
     inverse_scale = None if unit_scale else _reciprocal(jnp.asarray(scale, jnp.float32))
     fast = _counts_fast(x, inverse_scale, fmt)
     return lax.cond(
-        jnp.isnan(fast[2]),
+        jnp.isnan(fast[0] + fast[1] + fast[2]),
         lambda x, inverse_scale: _counts_exact(x, inverse_scale, fmt),
         lambda x, inverse_scale: fast,
         x,

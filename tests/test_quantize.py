@@ -216,8 +216,8 @@ def test_finite_x_overflowing_to_inf_when_scaled_counts_as_overflow():
 
 
 @pytest.mark.parametrize("size", [128 * 5, 1001, 1])
-def test_quantization_counts_saturated_rows_and_odd_sizes(size):
-    # The counts are packed per row of up to 128 elements: fill whole rows with one kind.
+def test_quantization_counts_blocks_of_one_kind_and_odd_sizes(size):
+    # Long runs of one kind (whole vector lanes of overflow, of zeros, ...) and odd sizes.
     fmt = FORMATS["E5M2"]
     kinds = np.array([1e6, 1e-9, 0.0, -3.0, -1e6], np.float32)  # over, under, zero, normal, over
     x = np.repeat(kinds, -(-size // kinds.size))[:size] if size > 1 else kinds[:1]
