@@ -37,6 +37,7 @@ def test_ml_dtypes_formats_match_finfo(name):
 def test_e4m3_is_the_ocp_fn_variant():
     fmt = FORMATS["E4M3"]
     assert (fmt.max_finite, fmt.has_inf) == (448.0, False)
+    assert fmt.dynamic_range_log2 == pytest.approx(17.807, abs=1e-3)  # log2(448 * 2**9)
     assert FORMATS["E5M2"].has_inf and FORMATS["E5M2"].max_finite == 57344.0
 
 
