@@ -182,3 +182,20 @@ def test_bit_stall_rate_matches_numpy_recomputation(e5m2_step):
                                                     jax.tree_util.tree_leaves(new_params)))
     total = sum(a.size for a in jax.tree_util.tree_leaves(old_params))
     assert float(metrics["zero_update_frac"]) == pytest.approx(unchanged / total, abs=1e-6)
+
+
+def test_weight_overflow_under_a_stale_delayed_scale_is_counted(e5m2_step):
+    state = init_train_state(E5M2)
+    params = jax.tree_util.tree_map(lambda a: a, state.params)
+    grown = np.array(params["h"][0]["mlp"]["c_fc"]["kernel"]) * 3.0  # the scale still fits the old weights
+    params["h"][0]["mlp"]["c_fc"]["kernel"] = jnp.asarray(grown)
+    scale = float(state.quant_state["h"][0]["mlp"]["c_fc"]["scale"])
+    _, metrics = e5m2_step(state.replace(params=params), _random_batch(E5M2))
+    saturated = np.sum(np.abs(grown / np.float32(scale)) > 57344.0)
+    assert saturated > 0
+    # Weight, input activation and input gradient of the layer; the last two use current scaling.
+    activation_elements = E5M2.batch_size * E5M2.block_size * E5M2.n_embd
+    expected = saturated / (grown.size + 2 * activation_elements)
+    assert float(metrics["quant/overflow/h/0/mlp/c_fc"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["quant/overflow/h/1/mlp/c_fc"]) == 0.0
+    assert float(metrics["overflow_rate"]) > 0.0
