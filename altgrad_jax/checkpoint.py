@@ -19,21 +19,19 @@ the next `save`, `restore`, `wait_until_finished` or `close`, never swallowed. A
 killed during a save leaves `<step>.orbax-checkpoint-tmp*`, which is never listed and is
 removed when a manager next opens the directory.
 
-Signals: wrap the training loop in `exit_cleanly_on_signals()` *inside* the manager's
-`with` block; SIGTERM/SIGINT then raise `SystemExit(128 + signum)`, the `with` block closes
-the manager, which waits for the save in flight, and the process exits non-zero. A second
-signal during that wait abandons the save (its temporary directory is cleaned up later).
+Signals: the training loop runs inside `interrupts.StopRequested` *inside* the manager's
+`with` block; SIGTERM/SIGINT stop it at a step boundary, the `with` block closes the manager,
+which waits for the save in flight, and the process exits non-zero. A second signal during
+that wait abandons the save (its temporary directory is cleaned up on the next start).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.metadata
 import json
 import math
 import platform
-import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from orbax.checkpoint import checkpoint_managers as ocp_policies
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 ANOMALY_SUBDIR = "anomaly"
+UNREADABLE_SUFFIX = ".unreadable"  # unreadable steps set aside by a resume that falls back past them
 # Keys this module adds to the caller's metadata dict.
 RESERVED_METADATA_KEYS = ("versions", "prng_keys", "state_leaves", "val_loss", "step")
 _VERSIONED_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -268,7 +267,23 @@ class CheckpointManager:
         try:
             return ocp.CheckpointManager(directory, options=options)
         except Exception as error:
+            unreadable = unreadable_step_dirs(directory)
+            if unreadable:
+                raise CheckpointCorruptError(
+                    f"checkpoint step {unreadable[0].name} at {unreadable[0]} is unreadable: {_first_line(error)}"
+                ) from error
             raise CheckpointError(f"cannot open checkpoint directory {directory}: {_first_line(error)}") from error
+
+    def set_aside_steps_after(self, step: int) -> list[int]:
+        """Rename every step after `step` to `<step>.unreadable`, out of Orbax's sight but kept as
+        evidence, so that a run resumed from `step` can save those steps again."""
+        self.wait_until_finished()
+        newer = [s for s in self.all_steps() if s > step]
+        for s in newer:
+            set_aside_step_dir(self.step_path(s))
+            self._val_losses.pop(s, None)
+        self._manager.reload()
+        return newer
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -307,10 +322,9 @@ class CheckpointManager:
             METADATA_ITEM: ocp.args.JsonSave(build_metadata(state, step, metadata, loss)),
         })
         try:
-            with _SignalGate.closed():
-                self._manager.save(step, args=args, metrics={"val_loss": loss})
-                self._pending_step = step
-                self._val_losses[step] = loss
+            self._manager.save(step, args=args, metrics={"val_loss": loss})
+            self._pending_step = step
+            self._val_losses[step] = loss
         except Exception as error:
             raise CheckpointError(f"save of step {step} to {self.step_path(step)} failed: {_first_line(error)}") from error
 
@@ -327,8 +341,7 @@ class CheckpointManager:
             METADATA_ITEM: ocp.args.JsonSave(build_metadata(state, step, metadata)),
         })
         try:
-            with _SignalGate.closed():
-                manager.save(step, args=args, force=True)
+            manager.save(step, args=args, force=True)
         except Exception as error:
             raise CheckpointError(
                 f"anomaly save of step {step} to {self.step_path(step, anomaly=True)} failed: {_first_line(error)}"
@@ -452,6 +465,33 @@ class CheckpointManager:
             raise CheckpointError(f"no step {step} among the {area} in {manager.directory} (have {sorted(manager.all_steps())})")
 
 
+def unreadable_step_dirs(directory) -> list[Path]:
+    """Step directories whose Orbax `_CHECKPOINT_METADATA` is not JSON: Orbax cannot even list them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    bad = []
+    for child in sorted(directory.iterdir(), key=lambda p: p.name):
+        marker = child / "_CHECKPOINT_METADATA"
+        if child.name.isdigit() and marker.is_file():
+            try:
+                json.loads(marker.read_text())
+            except (ValueError, UnicodeDecodeError):
+                bad.append(child)
+    return bad
+
+
+def set_aside_step_dir(step_dir: Path) -> Path:
+    """Rename `<dir>/<step>` to `<dir>/<step>.unreadable` (a name Orbax does not list)."""
+    target = step_dir.with_name(f"{step_dir.name}{UNREADABLE_SUFFIX}")
+    suffix = 1
+    while target.exists():
+        target = step_dir.with_name(f"{step_dir.name}{UNREADABLE_SUFFIX}.{suffix}")
+        suffix += 1
+    step_dir.rename(target)
+    return target
+
+
 def _metric_or_none(metrics):
     return None if metrics is None else metrics.get("val_loss")
 
@@ -498,52 +538,3 @@ def load_checkpoint(path, target=None):
             return checkpointer.restore(path, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
 
     return _read_state(read_item, saved, target, f"checkpoint at {path}")
-
-
-# ---- signals -----------------------------------------------------------------------------
-
-
-class _SignalGate:
-    """Defers `exit_cleanly_on_signals` while Orbax starts a save.
-
-    A SystemExit raised inside Orbax's `save` (between creating the temporary directory and
-    starting its background commit) would leave nothing to wait for; the save is lost.
-    """
-
-    depth = 0
-    pending_signum = None
-
-    @classmethod
-    @contextlib.contextmanager
-    def closed(cls):
-        cls.depth += 1
-        try:
-            yield
-        finally:
-            cls.depth -= 1
-        if cls.depth == 0 and cls.pending_signum is not None:
-            signum, cls.pending_signum = cls.pending_signum, None
-            raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def exit_cleanly_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
-    """Turn SIGTERM/SIGINT into `SystemExit(128 + signum)` in the main thread.
-
-    Use inside `with CheckpointManager(...)`: the exception unwinds the loop, the manager's
-    `__exit__` waits for the save in flight, and the process exits with a non-zero status.
-    A signal that arrives while `save` is starting a write is raised when `save` returns.
-    """
-
-    def raise_system_exit(signum, _frame):
-        if _SignalGate.depth:
-            _SignalGate.pending_signum = signum
-            return
-        raise SystemExit(128 + signum)
-
-    previous = {signum: signal.signal(signum, raise_system_exit) for signum in signals}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)

@@ -8,16 +8,27 @@ import threading
 
 
 class StopRequested:
+    """Context manager; `requested` turns true on the first SIGINT/SIGTERM, and `exit_code` is then
+    the shell convention 128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
         self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

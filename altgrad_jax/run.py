@@ -1,15 +1,16 @@
 """Command line: `python -m altgrad_jax.run --config PATH [--set key=value]... [--resume auto|never|PATH]`.
 
 Exit status: 0 done, 2 bad input (one line on stderr, nothing created or deleted),
-3 stopped by the NaN alert, 130 interrupted.
+3 stopped by the NaN alert, 130 interrupted by Ctrl-C (143 by SIGTERM), after the pending save.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NAN_STOP, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_BAD_INPUT = 2
 
 
 class BadInput(Exception):
@@ -54,7 +55,12 @@ def prepare(args):
     return config, dataset, mesh, start
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
+    warnings.formatwarning = _one_line_warning
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         from .sharding import maybe_initialize_distributed

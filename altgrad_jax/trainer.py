@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+import warnings
 
 import jax
 import numpy as np
 
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, set_aside_step_dir, unreadable_step_dirs
 from .config import TrainConfig, save_config
 from .data import Dataset, eval_batches, get_batch
 from .interrupts import StopRequested
@@ -21,7 +21,7 @@ from .tracking import AlertMonitor, LocalTracker, WandbTracker
 from .train_state import abstract_train_state, init_train_state
 from .train_step import make_eval_step, make_train_step
 
-EXIT_OK, EXIT_NAN_STOP, EXIT_INTERRUPTED = 0, 3, 130
+EXIT_OK, EXIT_NAN_STOP = 0, 3
 
 
 def restore_or_init(config: TrainConfig, resume: ResumePoint | None, mesh):
@@ -32,11 +32,20 @@ def restore_or_init(config: TrainConfig, resume: ResumePoint | None, mesh):
     if mesh is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               target, state_shardings(target, mesh))
+    continues_here = os.path.abspath(resume.directory) == os.path.abspath(config.checkpoint_path)
+    if resume.step is None and continues_here:
+        for step_dir in unreadable_step_dirs(resume.directory):
+            warnings.warn(f"checkpoint step {step_dir.name} at {step_dir} is unreadable; set aside as "
+                          f"{set_aside_step_dir(step_dir).name}")
     with CheckpointManager(resume.directory, max_checkpoints=config.max_checkpoints) as manager:
         if resume.step is None:
             step, state, metadata = manager.restore_latest_good(target)
+            if continues_here:
+                manager.set_aside_steps_after(step)
         else:
             step, state, metadata = resume.step, manager.restore(resume.step, target), manager.metadata(resume.step)
+    if jax.process_index() == 0:
+        print(f"resuming after step {step} from {manager.step_path(step)}", file=sys.stderr)
     return state, int(step), metadata or {}
 
 
@@ -126,13 +135,13 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
                     break
                 manager.save(step, state, val_loss=extra.get("val_loss"), metadata=checkpoint_metadata)
             if stop.requested:
-                exit_code = EXIT_INTERRUPTED
+                exit_code = stop.exit_code
                 break
         if pending and exit_code != EXIT_NAN_STOP:
             action = publish(*pending)
             if action == "stop":
                 exit_code = EXIT_NAN_STOP
-        if exit_code == EXIT_INTERRUPTED and manager.latest_step() != step:
+        if stop.requested and manager.latest_step() != step:
             manager.save(step, state, metadata=checkpoint_metadata)
         progress.note("waiting for the last checkpoint to be written" if exit_code else "")
         manager.wait_until_finished()
@@ -145,8 +154,7 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
 
 
 def print_summary(config: TrainConfig, exit_code: int, step: int) -> None:
-    outcome = {EXIT_OK: "finished", EXIT_NAN_STOP: "stopped by the NaN alert",
-               EXIT_INTERRUPTED: "interrupted"}[exit_code]
+    outcome = {EXIT_OK: "finished", EXIT_NAN_STOP: "stopped by the NaN alert"}.get(exit_code, "interrupted")
     print(f"run {outcome} at step {step}; run directory: {config.out_dir}", file=sys.stderr)
     print(f"  plot:   python -m altgrad_jax.plot {config.out_dir}", file=sys.stderr)
     if exit_code != EXIT_OK:

@@ -3,8 +3,9 @@
     python tests/_ckpt_writer.py DIRECTORY MEGABYTES
 
 Saves step 1 (a small state), prints "saving 2" and starts an asynchronous save of step 2
-(a state of about MEGABYTES of incompressible float32), then waits for it inside
-`exit_cleanly_on_signals` and idles like a training loop until it is killed or signalled.
+(a state of about MEGABYTES of incompressible float32), and idles like the training loop
+(which stops at a step boundary on SIGINT/SIGTERM) until it is killed or signalled; the
+manager's `with` block then waits for the save in flight.
 """
 
 import sys
@@ -13,7 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from altgrad_jax.checkpoint import CheckpointManager, exit_cleanly_on_signals
+from altgrad_jax.checkpoint import CheckpointManager
+from altgrad_jax.interrupts import StopRequested
 
 
 def small_state():
@@ -27,16 +29,17 @@ def large_state(megabytes: int):
     return {"w": [jax.random.normal(k, (n_per_leaf,)) for k in keys], "key": jax.random.key(8)}
 
 
-def main(directory: str, megabytes: int) -> None:
+def main(directory: str, megabytes: int) -> int:
     big = jax.block_until_ready(large_state(megabytes))
-    with CheckpointManager(directory, max_checkpoints=3) as manager, exit_cleanly_on_signals():
+    with CheckpointManager(directory, max_checkpoints=3) as manager, StopRequested() as stop:
         manager.save(1, small_state(), val_loss=1.0)
         manager.wait_until_finished()
         print("saving 2", flush=True)
         manager.save(2, big, val_loss=0.5)
-        while True:  # the "training loop" that a signal interrupts
+        while not stop.requested:  # the "training loop" that a signal interrupts
             time.sleep(0.01)
+    return stop.exit_code
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))

@@ -189,3 +189,19 @@ def test_resume_auto_falls_back_past_a_corrupted_checkpoint(tmp_path, env, text_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "20" in result.stderr and "10" in result.stderr  # the warning names the bad and the good step
     assert losses(out_dir) == losses(finished_run)  # steps 11..20 trained again, bitwise as before
+
+
+def test_ctrl_c_finishes_the_save_and_exits_130(tmp_path, env, text_file):
+    out_dir = tmp_path / "interrupted"
+    args = tiny(out_dir, text_file, "max_steps=100000", "checkpoint_interval=20", "eval_interval=100000")
+    process = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out_dir / "checkpoints" / "20").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    saved = max(int(p.name) for p in (out_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved >= 20 and max(losses(out_dir)) == saved, "the state after the last logged step was saved"
+    assert not list((out_dir / "checkpoints").glob("*tmp*")), "no unfinished save left behind"
