@@ -27,6 +27,8 @@ SNR_STD_FLOOR = 1e-10
 _FAST_PATH_MIN_SIZE = 4096
 # A float32 sum of 0/1 values is exact while it stays below 2**24.
 _EXACT_FLOAT_COUNT = 2.0**24
+# Leaves of at least four such blocks are reduced block by block (see _block_passes).
+_BLOCK_ELEMENTS = 1 << 20
 # Trust E[g²] - E[g]² only while var >= E[g²]/4 (|mean|/std <= √3): its rounding
 # error is then at most 4x that of the sums; beyond that, centre first.
 _NAIVE_VAR_MIN_FRACTION = 0.25
@@ -86,15 +88,42 @@ def _float_count_or_exact(float_count, g, threshold):
                     lambda: _exact_dead_count(g, threshold))
 
 
-def _fast_dead_count(g, threshold: float, abs_max, sum_sq):
+def _block_passes(g, threshold: float):
+    """Σg², Σg, max|g| and Σceil(t - |g|) (int32) of a leaf with ndim >= 2, reduced
+    block by block (rows, about _BLOCK_ELEMENTS values) so that the four passes over a
+    block read it from cache; measured ~5-10% faster than whole-leaf passes at 49M values."""
+    rows = g.shape[0]
+    block = max(1, _BLOCK_ELEMENTS // (g.size // rows))
+
+    def passes(x):
+        return (jnp.sum(x * x), jnp.sum(x), jnp.max(jnp.abs(lax.optimization_barrier(x))),
+                jnp.sum(jnp.ceil(threshold - jnp.abs(x))).astype(jnp.int32))
+
+    def combine(a, b):
+        return a[0] + b[0], a[1] + b[1], jnp.maximum(a[2], b[2]), a[3] + b[3]
+
+    def body(i, acc):
+        return combine(acc, passes(lax.dynamic_slice_in_dim(g, i * block, block)))
+
+    zero = jnp.zeros((), g.dtype)
+    acc = lax.fori_loop(0, rows // block, body, (zero, zero, zero, jnp.zeros((), jnp.int32)))
+    if rows % block:
+        acc = combine(acc, passes(g[rows - rows % block:]))
+    return acc
+
+
+def _fast_dead_count(g, threshold: float, abs_max, sum_sq, ceil_count=None):
     """Count of |g| < threshold (0 <= threshold <= 1) without compare/select.
 
     ceil(t - |g|) is exactly 1 when |g| < t (then 0 < t - |g| <= t <= 1; the sign of
     a float difference is exact) and lies in (-1, 0] when t <= |g| < 1, so while
-    max|g| < 1 its sum is the count. Otherwise max(., 0) clips the negative terms,
-    and non-finite leaves (where ceil/max would see NaN) are counted exactly.
+    max|g| < 1 its sum is the count (`ceil_count` when the caller summed it already).
+    Otherwise max(., 0) clips the negative terms, and non-finite leaves (where
+    ceil/max would see NaN) are counted exactly.
     """
     def below_one(x):
+        if ceil_count is not None:
+            return ceil_count
         return _float_count_or_exact(jnp.sum(jnp.ceil(threshold - jnp.abs(x))), x, threshold)
 
     def clipped(x):
@@ -136,14 +165,20 @@ def _leaf_gradient_stats(g: jax.Array, threshold, *, fast: bool) -> dict[str, ja
         return {"sum_sq": zero, "linf": zero, "dead_frac": zero, "snr": zero}
     threshold_value = _check_threshold(threshold)
     fast = fast and n >= _FAST_PATH_MIN_SIZE and threshold_value is not None and threshold_value <= 1.0
-    sum_sq = jnp.sum(g * g)
-    mean = jnp.sum(g) / n
-    if fast:
+    if fast and g.ndim >= 2 and n >= 4 * _BLOCK_ELEMENTS and n // g.shape[0] <= _BLOCK_ELEMENTS:
+        sum_sq, total, abs_max, ceil_count = _block_passes(g, threshold_value)
+        mean = total / n
+        dead = _fast_dead_count(g, threshold_value, abs_max, sum_sq, ceil_count)
+    elif fast:
+        sum_sq = jnp.sum(g * g)
+        mean = jnp.sum(g) / n
         # The barrier gives the max its own |g|: XLA would otherwise share |g| with the
         # count and materialise it in a slow native loop instead of two fused passes.
         abs_max = jnp.max(jnp.abs(lax.optimization_barrier(g)))
         dead = _fast_dead_count(g, threshold_value, abs_max, sum_sq)
     else:
+        sum_sq = jnp.sum(g * g)
+        mean = jnp.sum(g) / n
         abs_max = jnp.max(jnp.abs(g))
         dead = _exact_dead_count(g, threshold)
     # YNNPACK's max skips NaN where XLA's propagates it; Σg² tells which applies.

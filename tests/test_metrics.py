@@ -164,6 +164,19 @@ def test_plain_formulation_matches_numpy():
         np.testing.assert_allclose(float(stats["snr"]), expected[f"grad_snr/{name}"], rtol=1e-4, atol=1e-12)
 
 
+def test_block_by_block_leaves_match_numpy():
+    """Leaves of >= 4 * 2**20 values are reduced in row blocks, with a remainder block here."""
+    rng = np.random.default_rng(21)
+    small = (1e-3 * rng.standard_normal((4099, 1025))).astype(np.float32)
+    small[rng.random(small.shape) < 0.05] = 0.0
+    small[::7, 3] = T32
+    small[::5, 4] = np.nextafter(T32, np.float32(0))
+    large = (2.0 * rng.standard_normal((2053, 2049))).astype(np.float32)
+    large[rng.random(large.shape) < 0.01] = 1e-9
+    tree = {"small": small, "large": large}
+    assert_metrics_close(jax.jit(compute_gradient_stats)(tree), numpy_stats(tree), rtol=1e-4)
+
+
 def test_dead_count_above_float32_integer_range():
     """An odd count above 2**24 has no float32 representation; the count must still be exact."""
     g = jnp.zeros((4097, 4096), jnp.float32).at[0, :5].set(0.5)
