@@ -5,13 +5,18 @@ of scalar arrays whose names come from the tree key paths (`layer_name`).
 Counts (`param_nan_count`, `param_inf_count`) are int32 so they stay exact above
 2**24 elements; everything else is float32 (float64 for float64 leaves).
 
-Performance note (measured, see benchmarks/bench_metrics.py): on XLA:CPU the large
-reductions run in YNNPACK, where each reduction is its own pass over the leaf and
-each elementwise op costs about as much as a pass, while compare/select falls back
-to a slow native loop. The CPU formulation therefore uses only plain reductions
-(sum, sum of squares, max, min) plus one `ceil` count, and falls back to exact but
-slower passes, under `lax.cond`, only in the rare cases where the cheap form could
-be inaccurate. Other platforms fuse sibling reductions, so they use the plain form.
+Performance (measured with benchmarks/bench_metrics.py on the 2-core CPU machine):
+on XLA:CPU every large reduction runs in YNNPACK as its own pass over the leaf,
+each elementwise op inside it costs roughly half a pass, an elementwise result
+shared by two reductions is materialised by a slow native loop, and compare/select
+has no YNNPACK form at all (a compare-and-count costs 7-16 passes). The CPU
+formulation is therefore four independent reductions per leaf: Σg², Σg, max|g|
+(behind an optimization barrier so that |g| is not shared) and Σceil(t - |g|),
+which equals the dead count exactly (see _fast_dead_count); the variance comes
+from Σg² and Σg. Leaves of 4M+ values are reduced in cache-sized row blocks.
+Exact but slower recomputations run under `lax.cond` only where the cheap form
+could be wrong (max|g| >= 1, non-finite values, |mean| > √3·std, counts >= 2**24).
+Other platforms fuse sibling reductions, so they use the plain exact form.
 """
 
 import math
@@ -225,7 +230,7 @@ def compute_gradient_stats(grads, threshold: float = 1e-8) -> dict[str, jax.Arra
         linf.append(stats["linf"])
         dead.append(stats["dead_frac"])
         snr.append(stats["snr"])
-    l2, linf, dead, snr, sum_sq = (jnp.stack(jnp.broadcast_arrays(*v)) for v in (l2, linf, dead, snr, sum_sq))
+    l2, linf, dead, snr, sum_sq = (jnp.stack(v) for v in (l2, linf, dead, snr, sum_sq))
     metrics["grad_norm_l2/mean"] = jnp.mean(l2)
     metrics["grad_norm_l2/min"] = jnp.min(l2)
     metrics["grad_norm_linf/max"] = jnp.max(linf)
@@ -264,15 +269,16 @@ def gradient_cosine_similarity(grads_a, grads_b) -> dict[str, jax.Array]:
         cos = jnp.clip(cos, -1.0, 1.0)
         metrics[f"grad_cos_sim/{name}"] = cos
         cosines.append(cos)
-    cosines = jnp.stack(jnp.broadcast_arrays(*cosines))
+    cosines = jnp.stack(cosines)
     metrics["grad_cos_sim/mean"] = jnp.mean(cosines)
     metrics["grad_cos_sim/min"] = jnp.min(cosines)
     return metrics
 
 
 def _leaf_nonfinite_counts(leaf):
-    """(NaN count, ±inf count) as int32; one plain sum decides whether to count at all,
-    since compare-and-count is slow on XLA:CPU and a finite sum means no NaN/inf."""
+    """(NaN count, ±inf count) as int32. One plain sum decides whether to count at all:
+    compare-and-count is slow on XLA:CPU, and a finite sum means no NaN/inf (a sum that
+    overflows only sends a finite leaf to the exact count)."""
     def count(x):
         return jnp.sum(jnp.isnan(x), dtype=jnp.int32), jnp.sum(jnp.isinf(x), dtype=jnp.int32)
 
