@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altgrad_jax.formats import get_format
+from altgrad_jax.fp8_gemm import fp8_matmul
 from altgrad_jax.quantize import quantization_counts, quantize
 
 N_COUNTS = 4  # overflow, underflow, nonzero, elements
@@ -36,6 +37,9 @@ class LayerQuant(NamedTuple):
     grad_format: str | None  # None: gradient into the input left in float32
     grad_probe: jax.Array | None  # zeros([N_COUNTS]); its gradient carries the backward counts
     margin: float
+    hardware_gemm: bool = False  # real float8 dot (fp8_matmul) instead of the simulated one
+    weight_format: str | None = None  # only read by the hardware GEMM (the kernel arrives quantized)
+    weight_scale: jax.Array | None = None
 
 
 @dataclasses.dataclass
@@ -104,10 +108,22 @@ class QLinear(nnx.Module):
         if settings is not None:
             if settings.grad_format is not None:
                 x = quantize_gradient(x, settings.grad_probe, settings.grad_format, settings.margin)
+            if settings.hardware_gemm:
+                return self._hardware_gemm(x, settings, quant)
             if settings.act_format is not None:
                 x, counts = quantize_current(x, settings.act_format, settings.margin)
                 quant.forward_counts[self.layer_name] = counts
         y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+    def _hardware_gemm(self, x, settings: LayerQuant, quant: QuantContext) -> jax.Array:
+        """The same product through float8 operands; fp8_matmul re-casts the already quantized
+        kernel exactly (its values are representable at weight_scale)."""
+        scale = current_scale(x, settings.act_format, settings.margin)
+        quant.forward_counts[self.layer_name] = jax.lax.stop_gradient(count_vector(x, settings.act_format, scale))
+        y = fp8_matmul(x, self.kernel[...], scale, settings.weight_scale, settings.act_format, settings.weight_format)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

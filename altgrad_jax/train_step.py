@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from altgrad_jax.fp8_gemm import check_hardware_pair, hardware_dtype
 from altgrad_jax.metrics import compute_gradient_stats, compute_stability_metrics, gradient_cosine_similarity
 from altgrad_jax.model import cross_entropy_loss
 from altgrad_jax.optimizer import make_optimizer, make_schedule
@@ -65,6 +66,17 @@ def _layer_plans(config, abstract_params) -> list[LayerPlan]:
     return plans
 
 
+def _check_hardware_plans(plans: list[LayerPlan]) -> None:
+    """fp8_hardware_gemm needs both operands of every quantized layer in E4M3/E5M2, one E4M3."""
+    for plan in plans:
+        if plan.forward_format is None:
+            continue
+        if plan.activation_format is None:
+            raise ValueError(f"fp8_hardware_gemm needs quantize_activations=true (layer {plan.name})")
+        hardware_dtype(plan.forward_format)
+        check_hardware_pair(plan.activation_format, plan.forward_format)
+
+
 def _safe_ratio(numerator, denominator):
     return jnp.where(denominator > 0, numerator / jnp.maximum(denominator, 1.0), 0.0)
 
@@ -73,11 +85,12 @@ class _QuantizedLoss:
     """The loss of the GPT on a batch, optionally quantized, as a pure function of its inputs."""
 
     def __init__(self, config):
-        if config.fp8_hardware_gemm:
-            raise NotImplementedError("fp8_hardware_gemm=True is not implemented yet; use the simulated FP8 path")
         self.config = config
         self.graphdef, abstract_params = model_structure(config)
         self.plans = _layer_plans(config, abstract_params)
+        self.hardware_gemm = bool(config.use_fp8 and config.fp8_hardware_gemm)
+        if self.hardware_gemm:
+            _check_hardware_plans(self.plans)
         self.weight_plans = [p for p in self.plans if p.forward_format is not None]
         self.grad_plans = [p for p in self.plans if p.backward_format is not None]
         self.margin = config.fp8_amax_margin
@@ -111,6 +124,9 @@ class _QuantizedLoss:
                     grad_format=p.backward_format if with_grads else None,
                     grad_probe=probes.get(p.name) if with_grads else None,
                     margin=self.margin,
+                    hardware_gemm=self.hardware_gemm and p.forward_format is not None,
+                    weight_format=p.forward_format,
+                    weight_scale=get_path(quant_state, p.path)["scale"] if p.forward_format else None,
                 )
                 for p in self.plans
             })

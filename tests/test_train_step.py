@@ -199,3 +199,16 @@ def test_weight_overflow_under_a_stale_delayed_scale_is_counted(e5m2_step):
     assert float(metrics["quant/overflow/h/0/mlp/c_fc"]) == pytest.approx(expected, rel=1e-5)
     assert float(metrics["quant/overflow/h/1/mlp/c_fc"]) == 0.0
     assert float(metrics["overflow_rate"]) > 0.0
+
+
+def test_hardware_gemm_path_matches_the_simulated_one():
+    # On the CPU fp8_matmul upcasts the float8 operands: same numbers as the simulated dot.
+    simulated = BASE.replace(use_fp8=True, fp8_forward_format="E4M3", fp8_backward_format="E5M2", dropout=0.0)
+    hardware = simulated.replace(fp8_hardware_gemm=True)
+    state, batch = init_train_state(simulated), _random_batch(BASE)
+    loss_sim = float(make_eval_step(simulated)(state, batch)["loss"])
+    loss_hw = float(make_eval_step(hardware)(state, batch)["loss"])
+    assert loss_hw == pytest.approx(loss_sim, rel=1e-5)
+    assert loss_sim != float(make_eval_step(BASE)(state, batch)["loss"])  # quantization did act
+    with pytest.raises(ValueError, match="E5M2 x E5M2"):
+        make_train_step(BASE.replace(use_fp8=True, fp8_hardware_gemm=True))
