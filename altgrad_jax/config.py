@@ -103,7 +103,7 @@ class TrainConfig:
     eval_iters: int = 10  # validation batches per evaluation
 
     # --- Weights & Biases ---
-    project: str = "altgrad"  # W&B project name
+    project: str = "altgrad"  # W&B project name; "" switches W&B off
     run_name: str | None = None  # W&B run name; None lets W&B choose
     tags: tuple[str, ...] = ()  # W&B tags (a YAML list of strings)
     wandb_mode: str | None = None  # None = auto (online with an API key, else offline), or
@@ -344,10 +344,15 @@ def _as_bool(name: str, value: object) -> bool:
 
 
 def _as_str(name: str, value: object) -> str:
+    text = _as_any_str(name, value)
+    if not text.strip():
+        raise ConfigError(f"{name}: must not be empty")
+    return text
+
+
+def _as_any_str(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise _type_error(name, "a string (quote it in YAML)", value)
-    if not value.strip():
-        raise ConfigError(f"{name}: must not be empty")
     return value
 
 
@@ -433,6 +438,7 @@ _COERCE_BY_NAME: dict[str, Callable[[str, object], Any]] = {
     "fp8_forward_format": _optional(_as_format),
     "fp8_backward_format": _optional(_as_format),
     "wandb_mode": _as_wandb_mode,
+    "project": _as_any_str,  # "" switches W&B off
 }
 
 

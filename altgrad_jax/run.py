@@ -48,7 +48,7 @@ def prepare(args):
         resume_point = find_resume_point(args.resume, config.checkpoint_path)
         dataset = load_dataset(config.data, vocab_size=config.vocab_size,
                                block_size=config.block_size, progress=sys.stderr.isatty())
-        mesh = make_mesh(config.mesh)
+        mesh = make_mesh(config.mesh, config.batch_size)
         start = restore_or_init(config, resume_point, mesh)
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         raise BadInput(str(error)) from None
@@ -65,7 +65,10 @@ def main(argv=None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         from .sharding import maybe_initialize_distributed
 
-        maybe_initialize_distributed()
+        try:
+            maybe_initialize_distributed()
+        except ValueError as error:
+            raise BadInput(str(error)) from None
         config, dataset, mesh, (state, start_step, metadata) = prepare(args)
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)

@@ -341,7 +341,9 @@ class AlertMonitor:
     should still save the anomaly checkpoint before stopping), "continue" otherwise.
     `bit_stall_rate > bit_stall_threshold` and `overflow_rate > overflow_threshold` send WARN
     alerts, each title at most once per `config.alert_wait_seconds` of `clock` (the ERROR alert
-    is never held back). Alerts go to every tracker.
+    is never held back). A layer whose whole gradient is dead (`dead_neuron_frac/<layer>` == 1,
+    every element below `dead_neuron_threshold`) for `dead_neuron_window` consecutive checked
+    steps sends a WARN alert too. Alerts go to every tracker.
     """
 
     def __init__(self, config, trackers: Iterable[Tracker] = (), *,
@@ -350,6 +352,7 @@ class AlertMonitor:
         self.trackers = list(trackers)
         self.clock = clock
         self.consecutive_nonfinite = 0
+        self.consecutive_dead: dict[str, int] = {}
         self._last_sent: dict[str, float] = {}
 
     def check(self, step: int, metrics: Mapping[str, float]) -> str:
@@ -371,7 +374,21 @@ class AlertMonitor:
                 if value > threshold:
                     self._send(title, f"step {step}: {name} {value:.4g} > {threshold_field} "
                                       f"{threshold:g}", "WARN", step)
+        self._check_dead_layers(step, metrics)
         return action
+
+    def _check_dead_layers(self, step: int, metrics: Mapping[str, float]) -> None:
+        prefix = "dead_neuron_frac/"
+        for name, value in metrics.items():
+            if not name.startswith(prefix) or name == prefix + "mean":
+                continue
+            dead = float(to_scalar(name, value)) >= 1.0
+            self.consecutive_dead[name] = self.consecutive_dead.get(name, 0) + 1 if dead else 0
+            if self.consecutive_dead[name] == self.config.dead_neuron_window:
+                layer = name[len(prefix):]
+                self._send(f"Dead layer {layer}", f"step {step}: every gradient element of {layer} has been "
+                           f"below {self.config.dead_neuron_threshold:g} for "
+                           f"{self.config.dead_neuron_window} steps", "WARN", step)
 
     def _nonfinite_action(self, step: int, loss: float) -> str:
         patience = self.config.nan_patience

@@ -16,7 +16,7 @@ from .data import Dataset, eval_batches, get_batch
 from .interrupts import StopRequested
 from .progress import Progress
 from .resume import ResumePoint
-from .sharding import put_batch, put_state, state_shardings
+from .sharding import put_batch, put_state, with_shardings
 from .tracking import AlertMonitor, LocalTracker, WandbTracker
 from .train_state import abstract_train_state, init_train_state
 from .train_step import make_eval_step, make_train_step
@@ -28,10 +28,7 @@ def restore_or_init(config: TrainConfig, resume: ResumePoint | None, mesh):
     """(state, start_step, metadata); restored against an abstract target so types and shardings match."""
     if resume is None:
         return put_state(init_train_state(config), mesh), 0, {}
-    target = abstract_train_state(config)
-    if mesh is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              target, state_shardings(target, mesh))
+    target = with_shardings(abstract_train_state(config), mesh)
     continues_here = os.path.abspath(resume.directory) == os.path.abspath(config.checkpoint_path)
     if resume.step is None and continues_here:
         for step_dir in unreadable_step_dirs(resume.directory):
@@ -91,15 +88,18 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
     tokens_per_step = config.batch_size * config.block_size
     progress = Progress(config, start_step, tokens_per_step, enabled=is_logger)
 
-    def publish(step, metrics, extra):
-        """Host side of one step, run while the next step computes. Returns the alert action."""
+    def publish(step, metrics, extra) -> bool:
+        """Host side of one step, run while the next step computes: log, check alerts, save the
+        anomaly checkpoint on the first non-finite loss. True when the run must stop."""
         scalars = to_host_scalars(metrics) | extra
         action = monitor.check(step, scalars)
         if step % config.log_interval == 0 or extra or step == config.max_steps:
             for tracker in trackers:
                 tracker.log_step(step, scalars)
             progress.update(step, scalars)
-        return action
+        if action == "save_checkpoint" or (action == "stop" and not manager.anomaly_steps()):
+            manager.save_on_anomaly(int(state.step), state, metadata=checkpoint_metadata)
+        return action == "stop"
 
     exit_code = EXIT_OK
     with CheckpointManager(config.checkpoint_path, max_checkpoints=config.max_checkpoints) as manager, \
@@ -116,10 +116,7 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
                                         batch_size=config.batch_size, block_size=config.block_size), mesh)
             state, metrics = train_step(state, batch)
             step = batch_index + 1
-            action = publish(*pending) if pending else "continue"
-            if action == "save_checkpoint":
-                manager.save_on_anomaly(step, state, metadata=checkpoint_metadata)
-            if action == "stop":
+            if pending and publish(*pending):
                 exit_code = EXIT_NAN_STOP
                 break
             extra = {}
@@ -129,21 +126,20 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
             if step % config.checkpoint_interval == 0 or step == config.max_steps:
                 # Publish this step before saving it, so a run killed after the save has logged
                 # every step up to the checkpoint it resumes from.
-                action, pending = publish(*pending), None
-                if action == "stop":
+                stop_now, pending = publish(*pending), None
+                if stop_now:
                     exit_code = EXIT_NAN_STOP
                     break
                 manager.save(step, state, val_loss=extra.get("val_loss"), metadata=checkpoint_metadata)
             if stop.requested:
                 exit_code = stop.exit_code
                 break
-        if pending and exit_code != EXIT_NAN_STOP:
-            action = publish(*pending)
-            if action == "stop":
-                exit_code = EXIT_NAN_STOP
+        if pending and exit_code != EXIT_NAN_STOP and publish(*pending):
+            exit_code = EXIT_NAN_STOP
         if stop.requested and manager.latest_step() != step:
             manager.save(step, state, metadata=checkpoint_metadata)
-        progress.note("waiting for the last checkpoint to be written" if exit_code else "")
+        if exit_code:
+            progress.note("waiting for the last checkpoint to be written")
         manager.wait_until_finished()
     progress.close()
     for tracker in trackers:

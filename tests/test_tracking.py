@@ -3,11 +3,11 @@ import math
 import struct
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pytest
 
+from altgrad_jax.config import TrainConfig as Config
 from altgrad_jax.tracking import (
     AlertMonitor,
     LocalTracker,
@@ -19,29 +19,8 @@ from altgrad_jax.tracking import (
 )
 
 
-@dataclass(frozen=True)
-class Config:
-    """The fields tracking reads, with the contract's defaults (TrainConfig may not exist yet)."""
-
-    project: str = "altgrad"
-    run_name: str | None = None
-    tags: tuple = ()
-    wandb_mode: str | None = None
-    out_dir: str = "runs/default"
-    nan_patience: int = 10
-    bit_stall_threshold: float = 0.5
-    overflow_threshold: float = 0.01
-    alert_wait_seconds: float = 300.0
-
-    def to_dict(self):
-        return asdict(self)
-
-
 def test_train_config_works_with_the_real_wandb_offline(tmp_path, clean_wandb_env):
-    config_module = pytest.importorskip("altgrad_jax.config")
-    config = config_module.TrainConfig(out_dir=str(tmp_path), tags=("a", "b"))
-    for field in fields(Config):
-        assert hasattr(config, field.name), field.name
+    config = Config(out_dir=str(tmp_path), tags=("a", "b"))
     tracker = WandbTracker(config)
     assert tracker.mode == "offline" and tracker.enabled
     tracker.log_step(1, {"loss": 1.0})
@@ -345,3 +324,14 @@ def test_wandb_missing_package_acts_disabled(tmp_path, clean_wandb_env):
     assert tracker.mode == "disabled"
     tracker.log_step(0, {"loss": 1.0})
     tracker.finish()
+
+
+def test_dead_layer_alert_after_window_consecutive_fully_dead_steps():
+    recorder = RecordingTracker()
+    monitor = AlertMonitor(Config(dead_neuron_window=3), [recorder], clock=FakeClock())
+    alive, dead = {"dead_neuron_frac/a/kernel": 0.2}, {"dead_neuron_frac/a/kernel": 1.0}
+    for step, metrics in enumerate([dead, dead, alive, dead, dead], start=1):
+        assert monitor.check(step, metrics | {"dead_neuron_frac/mean": 1.0}) == "continue"
+    assert recorder.alerts == []  # interrupted at step 3: never 3 in a row
+    monitor.check(6, dead)
+    assert recorder.alerts == [(6, "WARN", "Dead layer a/kernel")]
