@@ -251,7 +251,7 @@ class WandbTracker(Tracker):
                 resume="allow",
                 dir=str(self.out_dir),
                 mode=self.mode,
-                settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, console="off"),
+                settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, console="off", quiet=True),
             )
         except Exception as e:  # W&B must never stop training: any init failure disables it
             self._disable(f"wandb.init failed ({type(e).__name__}: {_one_line(e)})")
