@@ -153,5 +153,12 @@ def print_summary(config: TrainConfig, exit_code: int, step: int) -> None:
     outcome = {EXIT_OK: "finished", EXIT_NAN_STOP: "stopped by the NaN alert"}.get(exit_code, "interrupted")
     print(f"run {outcome} at step {step}; run directory: {config.out_dir}", file=sys.stderr)
     print(f"  plot:   python -m altgrad_jax.plot {config.out_dir}", file=sys.stderr)
-    if exit_code != EXIT_OK:
-        print("  resume: run the same command again (--resume auto)", file=sys.stderr)
+    if exit_code == EXIT_OK:
+        print("  resume: the same command with --set max_steps=<more> continues from the last checkpoint",
+              file=sys.stderr)
+    elif exit_code == EXIT_NAN_STOP:
+        print(f"  anomaly checkpoint: {os.path.join(config.checkpoint_path, 'anomaly')}; "
+              f"alerts: {os.path.join(config.out_dir, 'alerts.jsonl')}", file=sys.stderr)
+    else:
+        print("  resume: the same command again continues from the last checkpoint (--resume auto)",
+              file=sys.stderr)
