@@ -492,19 +492,26 @@ class CheckpointManager:
             raise CheckpointError(f"no step {step} among the {area} in {manager.directory} (have {sorted(manager.all_steps())})")
 
 
+# JSON files Orbax parses for every step when a manager opens the directory: one that is damaged
+# stops the whole directory from opening.
+_READ_ON_OPEN = ("_CHECKPOINT_METADATA", "metrics/metrics")
+
+
 def unreadable_step_dirs(directory) -> list[Path]:
-    """Step directories whose Orbax `_CHECKPOINT_METADATA` is not JSON: Orbax cannot even list them."""
+    """Step directories with a damaged file of `_READ_ON_OPEN`, by step."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     bad = []
-    for child in sorted(directory.iterdir(), key=lambda p: p.name):
-        marker = child / "_CHECKPOINT_METADATA"
-        if child.name.isdigit() and marker.is_file():
+    for child in sorted((p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name)):
+        for name in _READ_ON_OPEN:
+            path = child / name
             try:
-                json.loads(marker.read_text())
-            except (ValueError, UnicodeDecodeError):
+                if path.is_file():
+                    json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError, OSError):
                 bad.append(child)
+                break
     return bad
 
 

@@ -214,7 +214,10 @@ class WandbTracker(Tracker):
     capture is off so W&B does not interleave with the progress bar.
     """
 
-    def __init__(self, config, run_id: str | None = None, out_dir: str | os.PathLike | None = None):
+    def __init__(self, config, run_id: str | None = None, out_dir: str | os.PathLike | None = None,
+                 logged_through: int | None = None):
+        """`logged_through`: the last step an earlier process of this run already sent (its local
+        metrics file says which); offline runs cannot ask W&B, so those steps are not sent again."""
         self.config = config
         self.run_id = run_id or new_run_id()
         self.out_dir = Path(out_dir if out_dir is not None else config.out_dir)
@@ -222,7 +225,7 @@ class WandbTracker(Tracker):
         self.run = None
         self.sync_dir: Path | None = None  # the run's local directory (what `wandb sync` takes)
         self._wandb = None
-        self._last_step: int | None = None
+        self._last_step: int | None = logged_through
         self._warned = False
         if self.mode == "disabled":
             return
@@ -260,7 +263,7 @@ class WandbTracker(Tracker):
         if self.mode == "online" and self.run.resumed:
             next_step = self._guarded(lambda: self.run.step, "run.step")
             if next_step is not _FAILED:
-                self._last_step = int(next_step) - 1
+                self._last_step = max(int(next_step) - 1, self._last_step or -1)
         if self.mode == "offline":
             print(f"W&B is offline; upload this run later with: wandb sync {self.sync_dir}")
 
@@ -359,7 +362,8 @@ class AlertMonitor:
         action = CONTINUE
         if "loss" in metrics:
             loss = float(to_scalar("loss", metrics["loss"]))
-            if math.isfinite(loss):
+            skipped = float(to_scalar("update_skipped", metrics.get("update_skipped", 0.0))) > 0
+            if math.isfinite(loss) and not skipped:
                 self.consecutive_nonfinite = 0
             else:
                 self.consecutive_nonfinite += 1
@@ -394,12 +398,12 @@ class AlertMonitor:
         patience = self.config.nan_patience
         if self.consecutive_nonfinite >= patience:
             self._send("Training stopped: non-finite loss",
-                       f"step {step}: loss is {loss} for {self.consecutive_nonfinite} consecutive "
+                       f"step {step}: loss {loss} or its gradient not finite for {self.consecutive_nonfinite} consecutive "
                        f"steps (nan_patience {patience})", "ERROR", step, rate_limited=False)
             return STOP
         if self.consecutive_nonfinite == 1:
             self._send("Non-finite loss",
-                       f"step {step}: loss is {loss}; saving an anomaly checkpoint, stopping "
+                       f"step {step}: loss {loss} or its gradient not finite; saving an anomaly checkpoint, stopping "
                        f"after {patience} consecutive non-finite steps", "WARN", step)
             return SAVE_CHECKPOINT
         return CONTINUE

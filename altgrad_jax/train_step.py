@@ -21,6 +21,8 @@ Metric definitions (a flat dict of scalar arrays):
   quantized value (at this step's scale) is the same before and after the optimizer update;
   `bit_stall_rate`: the same pooled over all quantized kernels.
 - `zero_update_frac`: fraction of all float32 parameters left bitwise unchanged by the update.
+- `update_skipped`: 1 when the loss or the gradient norm was not finite; the step then keeps
+  params, optimizer and quant state unchanged (only `step` advances).
 """
 
 from __future__ import annotations
@@ -212,9 +214,14 @@ def make_train_step(config, mesh=None):
             metrics.update(_quantization_metrics(loss_fn, aux, probe_grads, grads, new_params, quant_state))
             metrics["zero_update_frac"] = _zero_update_frac(state.params, new_params)
             quant_state = _updated_quant_state(loss_fn, quant_state, aux["amaxes"])
-        new_state = state.replace(
-            step=state.step + 1, params=new_params, opt_state=opt_state, quant_state=quant_state
-        )
+        # A non-finite loss or gradient leaves params, optimizer and quant state as they were (the
+        # step counter still advances): the state that produced it stays inspectable, e.g. in the
+        # anomaly checkpoint, and a single bad batch cannot poison the run.
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        metrics["update_skipped"] = (~finite).astype(jnp.float32)
+        kept = jax.lax.cond(finite, lambda: (new_params, opt_state, quant_state),
+                            lambda: (state.params, state.opt_state, state.quant_state))
+        new_state = state.replace(step=state.step + 1, params=kept[0], opt_state=kept[1], quant_state=kept[2])
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)

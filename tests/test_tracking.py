@@ -273,14 +273,20 @@ def test_wandb_resume_reuses_the_run_id(tmp_path, clean_wandb_env):
     config = Config(out_dir=str(tmp_path))
     first = WandbTracker(config)
     first.log_step(0, {"loss": 1.0})
+    first.log_step(1, {"loss": 0.7})
     first.finish()
-    again = WandbTracker(config, run_id=first.run_id)
-    again.log_step(1, {"loss": 0.5})
+    # The resumed process restarts from a checkpoint at step 0, but step 1 already went to W&B.
+    again = WandbTracker(config, run_id=first.run_id, logged_through=1)
+    again.log_step(1, {"loss": 0.7})
+    again.log_step(2, {"loss": 0.5})
     again.finish()
     assert again.run_id == first.run_id and again.sync_dir != first.sync_dir
     # offline dirs are named offline-run-<time>-<run id>, with "-1" added when the time clashes
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{first.run_id}*"))
     assert sorted(runs) == sorted([first.sync_dir, again.sync_dir])
+    steps = [r.history.step.num for r in read_finished_wandb_run(again.sync_dir / f"run-{first.run_id}.wandb")
+             if r.WhichOneof("record_type") == "history"]
+    assert steps == [2], "a step the first process sent must not be sent twice"
 
 
 def test_wandb_disabled_is_a_no_op(tmp_path, clean_wandb_env):

@@ -9,6 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from altgrad_jax.checkpoint import load_checkpoint, save_checkpoint
+
 from altgrad_jax.config import TrainConfig
 from altgrad_jax.train_state import TrainState, abstract_train_state, init_train_state
 from altgrad_jax.train_step import _QuantizedLoss, make_eval_step, make_train_step
@@ -77,7 +79,7 @@ def test_fp8_changes_gradients_and_e7m0_agrees_less_than_e5m2(e5m2_step):
         assert all(np.isfinite(float(v)) for v in metrics.values())
 
 
-def test_quant_state_records_amax_and_round_trips(e5m2_step):
+def test_quant_state_records_amax_and_round_trips(e5m2_step, tmp_path):
     state = init_train_state(E5M2)
     kernel = np.array(state.params["h"][0]["mlp"]["c_fc"]["kernel"])
     old_quant = _to_numpy(state.quant_state)
@@ -95,15 +97,12 @@ def test_quant_state_records_amax_and_round_trips(e5m2_step):
     history = np.asarray(state.quant_state["h"][0]["mlp"]["c_fc"]["amax_history"])
     np.testing.assert_array_equal(history[:2], [np.abs(kernel_1).max(), np.abs(kernel).max()])
 
-    # Round trip through the TrainState pytree (what checkpoints do).
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    rebuilt = jax.tree_util.tree_unflatten(treedef, [np.asarray(x) if not jax.dtypes.issubdtype(
-        x.dtype, jax.dtypes.prng_key) else x for x in leaves])
-    assert isinstance(rebuilt, TrainState)
-    for a, b in zip(jax.tree_util.tree_leaves(state.quant_state), jax.tree_util.tree_leaves(rebuilt.quant_state)):
+    # Round trip through a real checkpoint: the quant state comes back exactly.
+    save_checkpoint(tmp_path / "ckpt", state)
+    restored = load_checkpoint(tmp_path / "ckpt", abstract_train_state(E5M2))
+    assert isinstance(restored, TrainState)
+    for a, b in zip(jax.tree_util.tree_leaves(state.quant_state), jax.tree_util.tree_leaves(restored.quant_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    abstract = abstract_train_state(E5M2)
-    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(state)
 
 
 def test_twenty_steps_are_bitwise_reproducible(e5m2_step):
@@ -134,10 +133,17 @@ def test_nan_in_one_weight_is_reported_without_exception(e5m2_step):
     kernel = state.params["h"][1]["attn"]["c_proj"]["kernel"]
     params = jax.tree_util.tree_map(lambda a: a, state.params)
     params["h"][1]["attn"]["c_proj"]["kernel"] = kernel.at[3, 4].set(jnp.nan)
-    _, metrics = e5m2_step(state.replace(params=params), _random_batch(E5M2))
+    poisoned = state.replace(params=params)
+    expected = jax.tree_util.tree_map(np.array, (poisoned.params, poisoned.opt_state, poisoned.quant_state))
+    after, metrics = e5m2_step(poisoned, _random_batch(E5M2))
     assert not np.isfinite(float(metrics["loss"]))
     assert int(metrics["param_nan_count"]) == 1
     assert int(metrics["param_inf_count"]) == 0
+    # The update is skipped: the state that produced the NaN is kept (one NaN, not a NaN model).
+    assert float(metrics["update_skipped"]) == 1.0 and int(after.step) == 1
+    for kept, before in zip(jax.tree_util.tree_leaves((after.params, after.opt_state, after.quant_state)),
+                            jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(kept), before)
 
 
 def _at(tree, name):
