@@ -19,13 +19,13 @@ from typing import Any
 
 import yaml
 
+from altgrad_jax.formats import FORMATS
+
 
 class ConfigError(ValueError):
     """A bad configuration value, key or file; the message is one line naming it."""
 
 
-# Used until (or if) altgrad_jax.formats cannot be imported.
-_FALLBACK_FORMAT_NAMES = ("E5M2", "E4M3", "E3M4", "E0M7", "E1M6", "E2M5", "E6M1", "E7M0")
 UNQUANTIZED = "FP32"  # canonical layer format meaning "keep this layer in float32"
 _UNQUANTIZED_ALIASES = ("fp32", "none")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -361,10 +361,6 @@ def _optional(coerce: Callable[[str, object], Any]) -> Callable[[str, object], A
 
 
 def _format_names() -> tuple[str, ...]:
-    try:
-        from altgrad_jax.formats import FORMATS
-    except ImportError:
-        return _FALLBACK_FORMAT_NAMES
     return tuple(FORMATS)
 
 
