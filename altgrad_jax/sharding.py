@@ -13,8 +13,10 @@ Multi-host (one process per host, each seeing its local devices): set, on every 
     JAX_NUM_PROCESSES        the number of processes (e.g. 4)
     JAX_PROCESS_ID           this process's id, 0 .. JAX_NUM_PROCESSES-1
 and `maybe_initialize_distributed()` calls `jax.distributed.initialize()` with them before
-anything touches a device. Without JAX_COORDINATOR_ADDRESS nothing is initialised (one process).
-On SLURM, Open MPI or Cloud TPU, set JAX_COORDINATOR_ADDRESS alone (or leave the other two unset)
+anything touches a device (on CPU devices with gloo collectives over TCP, so that several
+processes on one machine, e.g. `XLA_FLAGS=--xla_force_host_platform_device_count=2` each, work
+too; tests/test_multihost.py runs the CLI that way). Without JAX_COORDINATOR_ADDRESS nothing is
+initialised (one process). On SLURM, Open MPI or Cloud TPU, set JAX_COORDINATOR_ADDRESS alone (or leave the other two unset)
 and JAX reads the process count and id from the cluster environment. Then:
 - the mesh spans every device of every process (`mesh.data_parallel` must be -1 or the global
   device count); `batch_size` is the GLOBAL batch and must divide by the device count;
@@ -51,8 +53,21 @@ def maybe_initialize_distributed() -> bool:
     except ValueError:
         raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got "
                          f"{os.environ.get('JAX_NUM_PROCESSES')!r} and {os.environ.get('JAX_PROCESS_ID')!r}") from None
+    _select_cpu_collectives()
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
     return True
+
+
+def _select_cpu_collectives() -> None:
+    """Gloo (TCP) for cross-process collectives on CPU devices, unless a choice was made already
+    (JAX_CPU_COLLECTIVES_IMPLEMENTATION, e.g. "mpi"). Without it, older jax versions default to
+    none and a multi-process CPU computation fails; jax 0.10 defaults to gloo. GPUs and TPUs use
+    their own collectives and ignore the option; jax versions without it are left alone."""
+    try:
+        if jax.config.jax_cpu_collectives_implementation is None:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:
+        pass
 
 
 def data_parallel_size(mesh_config) -> int:
@@ -129,6 +144,23 @@ def put_batch(batch, mesh: Mesh | None):
 
 
 def put_state(state, mesh: Mesh | None):
+    """`state` (the same value on every process, e.g. a deterministic init) laid out on `mesh`."""
     if mesh is None:
         return state
-    return jax.device_put(state, state_shardings(state, mesh))
+    shardings = state_shardings(state, mesh)
+    if all(sharding.is_fully_addressable for sharding in jax.tree.leaves(shardings)):
+        return jax.device_put(state, shardings)
+    return jax.tree.map(_put_global, state, shardings)
+
+
+def _put_global(leaf, sharding):
+    # Multi-process: `device_put` refuses committed arrays for devices of other processes. Every
+    # process holds the whole leaf, so each fills its own devices and no data crosses processes
+    # (typed PRNG keys included, which have no numpy form for `make_array_from_callback`).
+    shards = [jax.device_put(leaf if _is_whole(index) else leaf[index], device)
+              for device, index in sharding.addressable_devices_indices_map(leaf.shape).items()]
+    return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+
+
+def _is_whole(index) -> bool:
+    return all(part == slice(None) for part in index)  # replicated: no slicing op to compile

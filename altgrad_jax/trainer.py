@@ -17,7 +17,7 @@ from .interrupts import StopRequested
 from .progress import Progress
 from .resume import ResumePoint
 from .sharding import put_batch, put_state, with_shardings
-from .tracking import AlertMonitor, LocalTracker, WandbTracker
+from .tracking import AlertMonitor, LocalTracker, Tracker, WandbTracker
 from .train_state import abstract_train_state, init_train_state
 from .train_step import make_eval_step, make_train_step
 
@@ -64,9 +64,23 @@ def to_host_scalars(metrics) -> dict[str, float]:
     return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
 
+class _Silent(Tracker):
+    """The tracker of processes other than 0: their AlertMonitor still decides save/stop (the
+    metrics are replicated, so every process decides alike), but only process 0 reports."""
+
+    def log_step(self, step, metrics):
+        pass
+
+    def alert(self, title, text, level="INFO", *, step=None):
+        pass
+
+    def finish(self):
+        pass
+
+
 def make_trackers(config: TrainConfig, out_dir: str, start_step: int, run_id: str | None, is_logger: bool):
     if not is_logger:
-        return []
+        return [_Silent()]  # not []: an AlertMonitor without trackers prints its alerts to stderr
     return [LocalTracker(out_dir, resume_step=start_step or None),
             WandbTracker(config, run_id=run_id, out_dir=out_dir)]
 
