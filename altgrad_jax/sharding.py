@@ -16,8 +16,8 @@ and `maybe_initialize_distributed()` calls `jax.distributed.initialize()` with t
 anything touches a device (on CPU devices with gloo collectives over TCP, so that several
 processes on one machine, e.g. `XLA_FLAGS=--xla_force_host_platform_device_count=2` each, work
 too; tests/test_multihost.py runs the CLI that way). Without JAX_COORDINATOR_ADDRESS nothing is
-initialised (one process). On SLURM, Open MPI or Cloud TPU, set JAX_COORDINATOR_ADDRESS alone (or leave the other two unset)
-and JAX reads the process count and id from the cluster environment. Then:
+initialised (one process). On SLURM, Open MPI or Cloud TPU, set JAX_COORDINATOR_ADDRESS alone (or
+leave the other two unset) and JAX reads the process count and id from the cluster environment. Then:
 - the mesh spans every device of every process (`mesh.data_parallel` must be -1 or the global
   device count); `batch_size` is the GLOBAL batch and must divide by the device count;
 - every process computes the same global host batch (batches are a pure function of seed and
