@@ -44,6 +44,7 @@ STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 ANOMALY_SUBDIR = "anomaly"
 UNREADABLE_SUFFIX = ".unreadable"  # unreadable steps set aside by a resume that falls back past them
+SUPERSEDED_SUFFIX = ".superseded"  # readable steps after the one a run resumed from
 # Keys this module adds to the caller's metadata dict.
 RESERVED_METADATA_KEYS = ("versions", "prng_keys", "state_leaves", "val_loss", "step")
 _VERSIONED_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -301,17 +302,6 @@ class CheckpointManager:
                 ) from error
             raise CheckpointError(f"cannot open checkpoint directory {directory}: {_first_line(error)}") from error
 
-    def set_aside_steps_after(self, step: int) -> list[int]:
-        """Rename every step after `step` to `<step>.unreadable`, out of Orbax's sight but kept as
-        evidence, so that a run resumed from `step` can save those steps again."""
-        self.wait_until_finished()
-        newer = [s for s in self.all_steps() if s > step]
-        for s in newer:
-            set_aside_step_dir(self.step_path(s))
-            self._val_losses.pop(s, None)
-        self._manager.reload()
-        return newer
-
     # ---- queries -------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
@@ -515,13 +505,14 @@ def unreadable_step_dirs(directory) -> list[Path]:
     return bad
 
 
-def set_aside_step_dir(step_dir: Path) -> Path:
-    """Rename `<dir>/<step>` to `<dir>/<step>.unreadable` (a name Orbax does not list)."""
-    target = step_dir.with_name(f"{step_dir.name}{UNREADABLE_SUFFIX}")
-    suffix = 1
+def set_aside_step_dir(step_dir: Path, suffix: str = UNREADABLE_SUFFIX) -> Path:
+    """Rename `<dir>/<step>` to `<dir>/<step><suffix>` (a name Orbax does not list), never over
+    an existing one."""
+    target = step_dir.with_name(f"{step_dir.name}{suffix}")
+    number = 1
     while target.exists():
-        target = step_dir.with_name(f"{step_dir.name}{UNREADABLE_SUFFIX}.{suffix}")
-        suffix += 1
+        target = step_dir.with_name(f"{step_dir.name}{suffix}.{number}")
+        number += 1
     step_dir.rename(target)
     return target
 

@@ -39,16 +39,15 @@ def prepare(args):
     from .checkpoint import CheckpointError
     from .config import ConfigError, apply_overrides, load_config
     from .data import DataError, load_dataset
-    from .resume import find_resume_point
+    from .resume import find_resume_point, restore_or_init
     from .sharding import make_mesh
-    from .trainer import restore_or_init
 
     try:
         config = apply_overrides(load_config(args.config), args.overrides)
         resume_point = find_resume_point(args.resume, config.checkpoint_path)
+        mesh = make_mesh(config.mesh, config.batch_size)
         dataset = load_dataset(config.data, vocab_size=config.vocab_size,
                                block_size=config.block_size, progress=sys.stderr.isatty())
-        mesh = make_mesh(config.mesh, config.batch_size)
         start = restore_or_init(config, resume_point, mesh)
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         raise BadInput(str(error)) from None

@@ -48,7 +48,7 @@ class Tracker(ABC):
     ) -> None: ...
 
     @abstractmethod
-    def finish(self) -> None: ...
+    def finish(self, exit_code: int | None = None) -> None: ...
 
 
 # --- JSON lines ------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class LocalTracker(Tracker):
                  "step": step, "level": level, "title": title, "text": text}
         self._write(self._alerts, entry)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int | None = None) -> None:
         self._metrics.close()
         self._alerts.close()
 

@@ -5,45 +5,20 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import jax
 import numpy as np
 
-from .checkpoint import CheckpointManager, set_aside_step_dir, unreadable_step_dirs
+from .checkpoint import CheckpointManager
 from .config import TrainConfig, save_config
 from .data import Dataset, eval_batches, get_batch
 from .interrupts import StopRequested
 from .progress import Progress
-from .resume import ResumePoint
-from .sharding import put_batch, put_state, with_shardings
-from .tracking import AlertMonitor, LocalTracker, Tracker, WandbTracker
-from .train_state import abstract_train_state, init_train_state
+from .sharding import put_batch
+from .tracking import AlertMonitor, LocalTracker, Tracker, WandbTracker, read_jsonl
 from .train_step import make_eval_step, make_train_step
 
 EXIT_OK, EXIT_NAN_STOP = 0, 3
-
-
-def restore_or_init(config: TrainConfig, resume: ResumePoint | None, mesh):
-    """(state, start_step, metadata); restored against an abstract target so types and shardings match."""
-    if resume is None:
-        return put_state(init_train_state(config), mesh), 0, {}
-    target = with_shardings(abstract_train_state(config), mesh)
-    continues_here = os.path.abspath(resume.directory) == os.path.abspath(config.checkpoint_path)
-    if resume.step is None and continues_here:
-        for step_dir in unreadable_step_dirs(resume.directory):
-            warnings.warn(f"checkpoint step {step_dir.name} at {step_dir} is unreadable; set aside as "
-                          f"{set_aside_step_dir(step_dir).name}")
-    with CheckpointManager(resume.directory, max_checkpoints=config.max_checkpoints) as manager:
-        if resume.step is None:
-            step, state, metadata = manager.restore_latest_good(target)
-            if continues_here:
-                manager.set_aside_steps_after(step)
-        else:
-            step, state, metadata = resume.step, manager.restore(resume.step, target), manager.metadata(resume.step)
-    if jax.process_index() == 0:
-        print(f"resuming after step {step} from {manager.step_path(step)}", file=sys.stderr)
-    return state, int(step), metadata or {}
 
 
 class Evaluator:
@@ -74,15 +49,22 @@ class _Silent(Tracker):
     def alert(self, title, text, level="INFO", *, step=None):
         pass
 
-    def finish(self):
+    def finish(self, exit_code=None):
         pass
 
 
 def make_trackers(config: TrainConfig, out_dir: str, start_step: int, run_id: str | None, is_logger: bool):
     if not is_logger:
         return [_Silent()]  # not []: an AlertMonitor without trackers prints its alerts to stderr
+    logged_through = last_logged_step(out_dir) if start_step else None  # read before the truncation
     return [LocalTracker(out_dir, resume_step=start_step or None),
-            WandbTracker(config, run_id=run_id, out_dir=out_dir)]
+            WandbTracker(config, run_id=run_id, out_dir=out_dir, logged_through=logged_through)]
+
+
+def last_logged_step(out_dir: str) -> int | None:
+    path = os.path.join(out_dir, "metrics.jsonl")
+    steps = [entry["step"] for entry in read_jsonl(path)] if os.path.exists(path) else []
+    return max(steps, default=None)
 
 
 def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, metadata: dict) -> int:
@@ -133,11 +115,12 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
             if pending and publish(*pending):
                 exit_code = EXIT_NAN_STOP
                 break
+            checkpoint_due = step % config.checkpoint_interval == 0 or step == config.max_steps
             extra = {}
-            if step % config.eval_interval == 0 or step == config.max_steps:
+            if step % config.eval_interval == 0 or checkpoint_due:  # every checkpoint can be ranked
                 extra["val_loss"] = evaluate(state)
             pending = (step, metrics, extra)
-            if step % config.checkpoint_interval == 0 or step == config.max_steps:
+            if checkpoint_due:
                 # Publish this step before saving it, so a run killed after the save has logged
                 # every step up to the checkpoint it resumes from.
                 stop_now, pending = publish(*pending), None
@@ -157,7 +140,7 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
         manager.wait_until_finished()
     progress.close()
     for tracker in trackers:
-        tracker.finish()
+        tracker.finish(exit_code)
     if is_logger:
         print_summary(config, exit_code, step)
     return exit_code
@@ -166,7 +149,7 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
 def print_summary(config: TrainConfig, exit_code: int, step: int) -> None:
     outcome = {EXIT_OK: "finished", EXIT_NAN_STOP: "stopped by the NaN alert"}.get(exit_code, "interrupted")
     print(f"run {outcome} at step {step}; run directory: {config.out_dir}", file=sys.stderr)
-    print(f"  plot:   python -m altgrad_jax.plot {config.out_dir}", file=sys.stderr)
+    print(f"  plot:   {python_command()} -m altgrad_jax.plot {config.out_dir}", file=sys.stderr)
     if exit_code == EXIT_OK:
         print("  resume: the same command with --set max_steps=<more> continues from the last checkpoint",
               file=sys.stderr)
@@ -176,3 +159,9 @@ def print_summary(config: TrainConfig, exit_code: int, step: int) -> None:
     else:
         print("  resume: the same command again continues from the last checkpoint (--resume auto)",
               file=sys.stderr)
+
+
+def python_command() -> str:
+    """This interpreter, relative when it lives under the working directory (e.g. .venv/bin/python)."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative

@@ -137,6 +137,12 @@ def bad_input_cases(tmp, text_file, finished_run):
     short.write_text("abc")
     broken_yaml = tmp / "broken.yaml"
     broken_yaml.write_text("n_layer: [1,\n")
+    all_unreadable = tmp / "all_unreadable"
+    shutil.copytree(finished_run, all_unreadable)
+    for marker in (all_unreadable / "checkpoints").glob("*/_CHECKPOINT_METADATA"):
+        marker.write_text("garbage")
+    other_run = tmp / "other_run"
+    shutil.copytree(finished_run, other_run)
     fresh = tmp / "fresh"
     base = ["--config", str(DEFAULT_CONFIG), "--set", f"out_dir={fresh}"]
     finished = ["--config", str(DEFAULT_CONFIG), "--set", f"out_dir={finished_run}", "--set", f"data={text_file}"]
@@ -156,6 +162,9 @@ def bad_input_cases(tmp, text_file, finished_run):
         "resume never with checkpoints": finished + ["--resume", "never"],
         "checkpoint of another shape": finished + ["--set", "n_embd=64"],
         "too many devices": base + ["--set", "mesh.data_parallel=64"],
+        "every checkpoint unreadable": [arg.replace(str(finished_run), str(all_unreadable)) for arg in finished],
+        "resume into a directory with later steps": [arg.replace(str(finished_run), str(other_run)) for arg in finished]
+        + ["--resume", str(finished_run / "checkpoints" / "10")],
     }
 
 
@@ -205,3 +214,13 @@ def test_ctrl_c_finishes_the_save_and_exits_130(tmp_path, env, text_file):
     saved = max(int(p.name) for p in (out_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved >= 20 and max(losses(out_dir)) == saved, "the state after the last logged step was saved"
     assert not list((out_dir / "checkpoints").glob("*tmp*")), "no unfinished save left behind"
+
+
+def test_resume_from_an_earlier_step_directory_sets_later_steps_aside(tmp_path, env, text_file, finished_run):
+    out_dir = tmp_path / "copy"
+    shutil.copytree(finished_run, out_dir)
+    args = tiny(out_dir, text_file, "max_steps=20", "checkpoint_interval=10", "eval_interval=10")
+    result = run_to_end(args + ["--resume", str(out_dir / "checkpoints" / "10")], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out_dir / "checkpoints" / "20.superseded").is_dir()  # kept, not deleted
+    assert losses(out_dir) == losses(finished_run)  # steps 11..20 again, bitwise as before
