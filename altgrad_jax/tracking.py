@@ -31,7 +31,6 @@ import numpy as np
 LEVELS = ("INFO", "WARN", "ERROR")
 CONTINUE, SAVE_CHECKPOINT, STOP = "continue", "save_checkpoint", "stop"
 METRICS_FILE, ALERTS_FILE = "metrics.jsonl", "alerts.jsonl"
-WANDB_MODES = ("online", "offline", "disabled")
 WANDB_INIT_TIMEOUT_S = 60.0
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -190,9 +189,7 @@ def resolve_wandb_mode(config, environ: Mapping[str, str] = os.environ) -> str:
     if not config.project or env_mode == "disabled":
         return "disabled"
     if config.wandb_mode:
-        if config.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {config.wandb_mode!r}")
-        return config.wandb_mode
+        return config.wandb_mode  # validated by TrainConfig
     if env_mode in ("online", "offline"):
         return env_mode
     return "online" if has_wandb_credentials(environ) else "offline"

@@ -183,7 +183,9 @@ def _updated_quant_state(loss_fn: _QuantizedLoss, quant_state, amaxes) -> dict:
 def make_train_step(config, mesh=None):
     """Jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
 
-    `mesh` is reserved for data parallelism (issue #6); None = single device.
+    The same function serves one device and a data-parallel `mesh`: jit follows the shardings of
+    its inputs (see sharding.py), and every reduction here is over the global batch. `mesh` is
+    accepted so that callers need not care, and is the hook for explicit shardings later.
     """
     del mesh
     loss_fn = _QuantizedLoss(config)
@@ -228,7 +230,8 @@ def make_train_step(config, mesh=None):
 
 
 def make_eval_step(config, mesh=None):
-    """Jitted `eval(state, batch) -> {"loss": ...}`: dropout off, quantized forward when use_fp8."""
+    """Jitted `eval(state, batch) -> {"loss": ...}`: dropout off, quantized forward when use_fp8.
+    Like `make_train_step`, it follows the shardings of its inputs."""
     del mesh
     loss_fn = _QuantizedLoss(config)
 

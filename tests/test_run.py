@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from altgrad_jax import run
@@ -111,11 +113,25 @@ def test_nan_stops_with_anomaly_checkpoint_and_exit_3(tmp_path, env, text_file):
     result = run_to_end(tiny(out_dir, text_file, "learning_rate=1e30", "warmup_steps=0", "grad_clip=0",
                              "nan_patience=3", "max_steps=50"), env)
     assert result.returncode == 3, result.stderr[-3000:]
-    assert [p for p in (out_dir / "checkpoints" / "anomaly").iterdir() if p.name.isdigit()]
+    logged = losses(out_dir)
+    bad_steps = [s for s, loss in logged.items() if not math.isfinite(loss)]
+    assert bad_steps == list(range(bad_steps[0], bad_steps[0] + 3)) == sorted(logged)[-3:], \
+        "stops exactly at nan_patience consecutive non-finite steps"
     alerts = read_jsonl(out_dir / "alerts.jsonl")
-    assert any(alert["level"] == "ERROR" for alert in alerts)
-    bad_steps = [s for s, loss in losses(out_dir).items() if not math.isfinite(loss)]
-    assert len(bad_steps) >= 3
+    assert [a["level"] for a in alerts if a["level"] == "ERROR"] == ["ERROR"]
+    assert next(a for a in alerts if a["level"] == "ERROR")["step"] == bad_steps[-1]
+    anomaly_steps = [int(p.name) for p in (out_dir / "checkpoints" / "anomaly").iterdir() if p.name.isdigit()]
+    assert len(anomaly_steps) == 1 and bad_steps[0] <= anomaly_steps[0] <= bad_steps[-1] + 1
+    from altgrad_jax.checkpoint import CheckpointManager
+    from altgrad_jax.config import load_config
+    from altgrad_jax.train_state import abstract_train_state
+    with CheckpointManager(out_dir / "checkpoints") as manager:
+        state = manager.restore(anomaly_steps[0], abstract_train_state(load_config(out_dir / "config.yaml")),
+                                anomaly=True)
+    # Non-finite steps skip their update: the saved params are the (finite, exploded) ones that
+    # produced the non-finite loss, not a model full of NaN.
+    leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(state.params)]
+    assert all(np.isfinite(leaf).all() for leaf in leaves) and max(np.abs(l).max() for l in leaves) > 1e20
 
 
 @pytest.fixture(scope="module")
