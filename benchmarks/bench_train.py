@@ -104,7 +104,7 @@ class StepClock(Tracker):
     def alert(self, title, text, level="INFO", *, step=None):
         pass
 
-    def finish(self):
+    def finish(self, exit_code=None):
         pass
 
 
