@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altgrad_jax.formats import get_format
 from altgrad_jax.fp8_gemm import fp8_matmul
 from altgrad_jax.quantize import quantization_counts, quantize
+from altgrad_jax.scaling import scale_from_amax
 
 N_COUNTS = 4  # overflow, underflow, nonzero, elements
 
@@ -52,9 +52,7 @@ class QuantContext:
 
 def current_scale(x: jax.Array, fmt, margin: float) -> jax.Array:
     """Just-in-time per-tensor scale; 1.0 when amax is 0 or not finite."""
-    amax = jnp.max(jnp.abs(x))
-    scale = amax * margin / get_format(fmt).max_finite
-    return jax.lax.stop_gradient(jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0))
+    return jax.lax.stop_gradient(scale_from_amax(jnp.max(jnp.abs(x)), 1.0, fmt, margin))
 
 
 def count_vector(x: jax.Array, fmt, scale: jax.Array) -> jax.Array:

@@ -51,10 +51,15 @@ def set_path(tree: dict, path: tuple, value) -> dict:
     return out
 
 
+def scale_from_amax(amax: jax.Array, fallback, fmt, margin: float) -> jax.Array:
+    """amax * margin / max_finite, or `fallback` when that is 0 or not finite."""
+    scale = amax * margin / get_format(fmt).max_finite
+    return jnp.where(jnp.isfinite(scale) & (scale > 0), scale, fallback).astype(jnp.float32)
+
+
 def scale_from_history(amax_history: jax.Array, previous_scale: jax.Array, fmt, margin: float) -> jax.Array:
     finite_max = jnp.max(jnp.where(jnp.isfinite(amax_history), amax_history, 0.0))
-    scale = finite_max * margin / get_format(fmt).max_finite
-    return jnp.where(jnp.isfinite(scale) & (scale > 0), scale, previous_scale).astype(jnp.float32)
+    return scale_from_amax(finite_max, previous_scale, fmt, margin)
 
 
 def init_scaling_entry(kernel: jax.Array, fmt, history_len: int, margin: float) -> dict:
