@@ -36,16 +36,6 @@ RUN_TIMEOUT_S = 150
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    words = ("the quick brown fox jumps over the lazy dog while eight bit floats "
-             "round every weight to the nearest code and the shadow keeps score").split()
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(2000)]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
-
-
-@pytest.fixture(scope="module")
 def base_env(tmp_path_factory):
     env = {name: value for name, value in os.environ.items()
            if not name.startswith("JAX_") and name != "XLA_FLAGS"}

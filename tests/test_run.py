@@ -30,16 +30,6 @@ def env(tmp_path_factory):
             "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    words = ("the quick brown fox jumps over the lazy dog while eight bit floats "
-             "round every weight to the nearest code and the shadow keeps score").split()
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(2000)]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
-
-
 def command(out_dir, *overrides, config=DEFAULT_CONFIG, resume=None):
     args = [sys.executable, "-m", "altgrad_jax.run", "--config", str(config), "--set", f"out_dir={out_dir}"]
     for override in overrides:
