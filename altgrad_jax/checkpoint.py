@@ -469,12 +469,6 @@ class CheckpointManager:
                 warnings.warn(f"{error}; falling back to an earlier step", stacklevel=2)
         raise CheckpointCorruptError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
 
-    def delete(self, step: int) -> None:
-        """Delete a saved step (e.g. an unreadable one, before training past it again)."""
-        self.wait_until_finished()
-        self._manager.delete(int(step))
-        self._val_losses.pop(int(step), None)
-
     @staticmethod
     def _require_step(manager, step: int, anomaly: bool) -> None:
         if step not in manager.all_steps():

@@ -411,10 +411,21 @@ class AlertMonitor:
         if rate_limited and last is not None and now - last < self.config.alert_wait_seconds:
             return
         self._last_sent[title] = now
-        if not self.trackers:
-            print(f"[{level}] {title}: {text}", file=sys.stderr)
         for tracker in self.trackers:
             tracker.alert(title, text, level, step=step)
+
+
+class StderrTracker(Tracker):
+    """Alerts as lines on stderr; the reporter of `check_alerts`' own monitor."""
+
+    def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def alert(self, title: str, text: str, level: str = "INFO", *, step: int | None = None) -> None:
+        print(f"[{level}] {title}: {text}", file=sys.stderr)
+
+    def finish(self, exit_code: int | None = None) -> None:
+        pass
 
 
 _default_monitor: AlertMonitor | None = None
@@ -423,11 +434,11 @@ _default_monitor: AlertMonitor | None = None
 def check_alerts(step: int, metrics: Mapping[str, float], config,
                  monitor: AlertMonitor | None = None) -> str:
     """`monitor.check(step, metrics)`. Without a monitor, one process-wide monitor with no
-    trackers (alerts printed to stderr) keeps the NaN count and rate limits; it is replaced
+    tracker but `StderrTracker` (alerts printed to stderr) keeps the NaN count and rate limits; it is replaced
     when called with a different config object. Training loops should pass their own monitor."""
     global _default_monitor
     if monitor is None:
         if _default_monitor is None or _default_monitor.config is not config:
-            _default_monitor = AlertMonitor(config)
+            _default_monitor = AlertMonitor(config, [StderrTracker()])
         monitor = _default_monitor
     return monitor.check(step, metrics)

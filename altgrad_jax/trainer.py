@@ -15,7 +15,7 @@ from .data import Dataset, eval_batches, get_batch
 from .interrupts import StopRequested
 from .progress import Progress
 from .sharding import put_batch
-from .tracking import AlertMonitor, LocalTracker, Tracker, WandbTracker, read_jsonl
+from .tracking import AlertMonitor, LocalTracker, WandbTracker, read_jsonl
 from .train_step import make_eval_step, make_train_step
 
 EXIT_OK, EXIT_NAN_STOP = 0, 3
@@ -39,23 +39,9 @@ def to_host_scalars(metrics) -> dict[str, float]:
     return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
 
-class _Silent(Tracker):
-    """The tracker of processes other than 0: their AlertMonitor still decides save/stop (the
-    metrics are replicated, so every process decides alike), but only process 0 reports."""
-
-    def log_step(self, step, metrics):
-        pass
-
-    def alert(self, title, text, level="INFO", *, step=None):
-        pass
-
-    def finish(self, exit_code=None):
-        pass
-
-
 def make_trackers(config: TrainConfig, out_dir: str, start_step: int, run_id: str | None, is_logger: bool):
     if not is_logger:
-        return [_Silent()]  # not []: an AlertMonitor without trackers prints its alerts to stderr
+        return []  # other processes still decide save/stop alike (replicated metrics), silently
     logged_through = last_logged_step(out_dir) if start_step else None  # read before the truncation
     return [LocalTracker(out_dir, resume_step=start_step or None),
             WandbTracker(config, run_id=run_id, out_dir=out_dir, logged_through=logged_through)]
