@@ -2,7 +2,7 @@
 
 Layout of a checkpoint directory::
 
-    <directory>/<step>/state      the state pytree (StandardSave; typed PRNG keys included)
+    <directory>/<step>/state      the state pytree: state.safetensors (see safetensors_handler.py)
     <directory>/<step>/metadata   JSON: the caller's metadata, library versions, PRNG key
                                   implementations and the shape/dtype of every state leaf
     <directory>/<step>/metrics    JSON {"val_loss": float | null}, read by the retention policy
@@ -15,7 +15,8 @@ kept loss is +inf, BestN keeps the newest one, which LatestN keeps anyway). Amon
 losses the newest is the best.
 
 Saves are asynchronous. An error in a background write is raised as `CheckpointError` by
-the next `save`, `restore`, `wait_until_finished` or `close`, never swallowed. A process
+the next call that reads or writes checkpoints (`save`, the step queries, `restore`,
+`wait_until_finished`, `close`), never swallowed. A process
 killed during a save leaves `<step>.orbax-checkpoint-tmp*`, which is never listed and is
 removed when a manager next opens the directory.
 
@@ -40,6 +41,10 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from altgrad_jax.background import BackgroundWorker
+from altgrad_jax.safetensors_handler import (SafetensorsRestore, SafetensorsSave, Snapshot, dtype_name, is_typed_key,
+                                             named_leaves, snapshot)
+
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 ANOMALY_SUBDIR = "anomaly"
@@ -47,7 +52,7 @@ UNREADABLE_SUFFIX = ".unreadable"  # unreadable steps set aside by a resume that
 SUPERSEDED_SUFFIX = ".superseded"  # readable steps after the one a run resumed from
 # Keys this module adds to the caller's metadata dict.
 RESERVED_METADATA_KEYS = ("versions", "prng_keys", "state_leaves", "val_loss", "step")
-_VERSIONED_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+_VERSIONED_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "safetensors", "numpy")
 
 
 class CheckpointError(Exception):
@@ -78,41 +83,17 @@ def library_versions() -> dict[str, str]:
     return dict(_installed_versions())
 
 
-def _path_name(key_path) -> str:
-    """Orbax-style leaf name: 'opt_state.1.0.mu.wte.embedding'."""
-    parts = []
-    for entry in key_path:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(entry, attribute):
-                parts.append(str(getattr(entry, attribute)))
-                break
-        else:
-            parts.append(str(entry))
-    return ".".join(parts)
-
-
-def _is_typed_key(leaf) -> bool:
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
 def leaf_signatures(tree) -> dict[str, list]:
     """{leaf name: [shape, dtype name]} for arrays, ShapeDtypeStructs or scalars."""
     signatures = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        shape = list(getattr(leaf, "shape", ()))
+    for name, _, leaf in named_leaves(tree):
         dtype = getattr(leaf, "dtype", None)
-        dtype_name = str(dtype) if dtype is not None else type(leaf).__name__
-        signatures[_path_name(key_path)] = [shape, dtype_name]
+        signatures[name] = [list(getattr(leaf, "shape", ())), dtype_name(dtype) if dtype is not None else type(leaf).__name__]
     return signatures
 
 
 def _prng_key_impls(tree) -> dict[str, str]:
-    return {
-        _path_name(key_path): str(jax.random.key_impl(leaf))
-        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if _is_typed_key(leaf)
-    }
+    return {name: str(jax.random.key_impl(leaf)) for name, _, leaf in named_leaves(tree) if is_typed_key(leaf)}
 
 
 def _finite_or_none(value) -> float | None:
@@ -144,10 +125,8 @@ def build_metadata(state, step: int, metadata: dict | None, val_loss=None) -> di
 
 
 def _first_line(error: BaseException, limit: int = 240) -> str:
-    """One short line from an exception (TensorStore appends its whole spec otherwise)."""
+    """One short line from an exception."""
     text = (str(error).strip().splitlines() or [""])[0]
-    for noise in (" [tensorstore_spec=", " See full TensorStore details"):
-        text = text.split(noise)[0]
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(error).__name__}: {text}"
@@ -189,59 +168,23 @@ def warn_on_version_change(saved: dict, where: str) -> None:
         )
 
 
-def _rewrap_prng_keys(raw_state, prng_keys: dict[str, str]):
-    """Typed keys that came back as raw key data (older Orbax, no target) become keys again."""
-
-    def rewrap(key_path, leaf):
-        impl = prng_keys.get(_path_name(key_path))
-        if impl is None or _is_typed_key(leaf):
-            return leaf
-        return jax.random.wrap_key_data(leaf, impl=impl)
-
-    return jax.tree_util.tree_map_with_path(rewrap, raw_state)
-
-
-def _restore_args(target):
-    return ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-
-
 def _read_state(read_item, saved: dict, target, where: str):
     """Check `target` against `saved`, then read the state with `read_item(args)`."""
     if target is not None:
         check_target(saved, target, where)
     warn_on_version_change(saved, where)
     try:
-        state = read_item(_restore_args(target))
-    except Exception as error:  # Orbax/TensorStore raise many types for damaged files.
+        state = read_item(SafetensorsRestore(target))
+    except Exception as error:  # Orbax and safetensors raise many types for damaged files.
         raise CheckpointCorruptError(f"{where} is unreadable: {_first_line(error)}") from error
-    return state if target is not None else _rewrap_prng_keys(state, saved["prng_keys"])
+    return state
 
 
-class _UncompressedStandardHandler(ocp.StandardCheckpointHandler):
-    """`StandardCheckpointHandler` that writes the arrays without zstd.
-
-    Measured on the 6-layer n_embd-384 train state (125 MB, 285 leaves): zstd level 1 halves
-    the CPU a save costs (0.67 s -> 0.33 s per save) and saves only ~7% of the bytes (float32
-    weights and Adam moments hardly compress). Restores read the codec from each array's own
-    metadata, so compressed checkpoints written before stay readable.
-    """
-
-    def __init__(self):
-        super().__init__()
-        # StandardCheckpointHandler forwards everything to this PyTreeCheckpointHandler and has
-        # no compression option of its own; same defaults as its own, compression off.
-        self._impl = ocp.PyTreeCheckpointHandler(
-            save_concurrent_gb=96, restore_concurrent_gb=96, use_compression=False
-        )
-
-
-def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    """State through `_UncompressedStandardHandler`; other items (metrics) from Orbax's defaults."""
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    state_handler = _UncompressedStandardHandler()
-    registry.add(STATE_ITEM, ocp.args.StandardSave, state_handler)
-    registry.add(STATE_ITEM, ocp.args.StandardRestore, state_handler)
-    return registry
+def _snapshot_or_error(state, step: int) -> Snapshot:
+    try:
+        return snapshot(state)
+    except ValueError as error:
+        raise CheckpointError(f"cannot save step {step}: {error}") from None
 
 
 def _metric_for_ranking(metrics) -> float:
@@ -252,8 +195,14 @@ def _metric_for_ranking(metrics) -> float:
 class CheckpointManager:
     """Asynchronous checkpoints of a state pytree: the last `max_checkpoints` plus the best.
 
-    `save(step, state, val_loss=...)` returns as soon as the arrays are copied to host memory;
-    the write goes on in the background. Use as a context manager, or call `close()`.
+    `save(step, state, val_loss=...)` returns once it holds a host view of every array;
+    the write goes on in the background. Queries (`all_steps`, `latest_step`, ...) wait for
+    the save in flight. Use as a context manager, or call `close()`.
+
+    In a single process the whole Orbax save runs on a background thread, so that the training
+    loop waits for nothing but the host views. With several processes Orbax's own asynchronous
+    save is used from the calling thread, because its barriers are collectives over all devices
+    and must come in the same order as the training step's.
     """
 
     def __init__(self, directory, max_checkpoints: int = 3):
@@ -280,7 +229,9 @@ class CheckpointManager:
         )
         self._manager = self._open(self.directory, options)
         self._anomaly_manager = None
-        self._pending_step = None
+        self._pending = None  # (Orbax manager, step) of the save in flight
+        self._worker = BackgroundWorker("altgrad_jax checkpoint") if jax.process_count() == 1 else None
+        self._in_flight = None  # the worker's future for that save
         self._val_losses = {}
         for step in self._manager.all_steps():
             try:
@@ -293,7 +244,7 @@ class CheckpointManager:
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"checkpoint directory {directory} exists and is not a directory")
         try:
-            return ocp.CheckpointManager(directory, options=options, handler_registry=_handler_registry())
+            return ocp.CheckpointManager(directory, options=options)
         except Exception as error:
             unreadable = unreadable_step_dirs(directory)
             if unreadable:
@@ -305,9 +256,11 @@ class CheckpointManager:
     # ---- queries -------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
+        self.wait_until_finished()
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
+        self.wait_until_finished()
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
@@ -327,46 +280,51 @@ class CheckpointManager:
     def save(self, step: int, state, *, val_loss=None, metadata: dict | None = None) -> None:
         """Start an asynchronous save of `state` at `step` (which must be after the latest)."""
         step = int(step)
-        self.wait_until_finished()  # surfaces an error of the previous save
-        latest = self.latest_step()
+        latest = self.latest_step()  # waits for the save in flight and raises its error
         if latest is not None and step <= latest:
             raise CheckpointError(
                 f"cannot save step {step} in {self.directory}: it is not after the latest saved step {latest}"
             )
         loss = _finite_or_none(val_loss)
         args = ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
+            STATE_ITEM: SafetensorsSave(_snapshot_or_error(state, step)),
             METADATA_ITEM: ocp.args.JsonSave(build_metadata(state, step, metadata, loss)),
         })
-        try:
-            self._manager.save(step, args=args, metrics={"val_loss": loss})
-            self._pending_step = step
-            self._val_losses[step] = loss
-        except Exception as error:
-            raise CheckpointError(f"save of step {step} to {self.step_path(step)} failed: {_first_line(error)}") from error
+        self._start(self._manager, step, args, metrics={"val_loss": loss})
+        self._val_losses[step] = loss
 
     def save_on_anomaly(self, step: int, state, *, metadata: dict | None = None) -> None:
         """Save `state` into `<directory>/anomaly/<step>` (never rotated; an existing step is kept)."""
         step = int(step)
-        manager = self._anomaly()
-        self._wait(manager, "anomaly")
-        if step in manager.all_steps():
+        if step in self.anomaly_steps():
             warnings.warn(f"anomaly checkpoint for step {step} already exists at {self.step_path(step, anomaly=True)}; not overwritten")
             return
         args = ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
+            STATE_ITEM: SafetensorsSave(_snapshot_or_error(state, step)),
             METADATA_ITEM: ocp.args.JsonSave(build_metadata(state, step, metadata)),
         })
+        self._start(self._anomaly(), step, args, force=True)
+
+    def _start(self, manager: ocp.CheckpointManager, step: int, args, **save_options) -> None:
+        """Hand the save to the worker thread, or start Orbax's asynchronous save here."""
+        self._pending = (manager, step)
+        if self._worker is not None:
+            def save_and_commit():
+                manager.save(step, args=args, **save_options)
+                manager.wait_until_finished()
+
+            self._in_flight = self._worker.submit(save_and_commit)
+            return
         try:
-            manager.save(step, args=args, force=True)
+            manager.save(step, args=args, **save_options)
         except Exception as error:
-            raise CheckpointError(
-                f"anomaly save of step {step} to {self.step_path(step, anomaly=True)} failed: {_first_line(error)}"
-            ) from error
+            self._pending = None
+            raise CheckpointError(f"save of step {step} to {manager.directory / str(step)} failed: {_first_line(error)}") from error
 
     def anomaly_steps(self) -> list[int]:
         if self._anomaly_manager is None and not (self.directory / ANOMALY_SUBDIR).is_dir():
             return []
+        self.wait_until_finished()
         return sorted(self._anomaly().all_steps())
 
     def _anomaly(self) -> ocp.CheckpointManager:
@@ -375,36 +333,46 @@ class CheckpointManager:
             self._anomaly_manager = self._open(self.directory / ANOMALY_SUBDIR, options)
         return self._anomaly_manager
 
-    def _wait(self, manager, which: str) -> None:
-        try:
-            manager.wait_until_finished()
-        except Exception as error:
-            raise CheckpointError(f"asynchronous {which} save in {manager.directory} failed: {_first_line(error)}") from error
-
     def wait_until_finished(self) -> None:
         """Block until the save in flight is committed; raise CheckpointError if it failed."""
+        if self._pending is None:
+            return
+        (manager, step), self._pending = self._pending, None
+        in_flight, self._in_flight = self._in_flight, None
         try:
-            self._manager.wait_until_finished()
+            if in_flight is not None:
+                in_flight.result()
+            manager.wait_until_finished()
         except Exception as error:
-            step, self._pending_step = self._pending_step, None
-            self._val_losses.pop(step, None)
+            if manager is self._manager:
+                self._val_losses.pop(step, None)
             # Orbax dropped the steps it meant to rotate out from its in-memory list at save
             # time; after a failed save they are still on disk, so list them again.
-            self._manager.reload()
+            manager.reload()
+            kind = "anomaly save" if manager is not self._manager else "save"
             raise CheckpointError(
-                f"asynchronous save of step {step} to {self.step_path(step)} failed: {_first_line(error)}"
+                f"asynchronous {kind} of step {step} to {manager.directory / str(step)} failed: {_first_line(error)}"
             ) from error
-        self._pending_step = None
-        if self._anomaly_manager is not None:
-            self._wait(self._anomaly_manager, "anomaly")
 
     def close(self) -> None:
+        """Wait for the save in flight, then release the worker thread and Orbax's managers.
+
+        A KeyboardInterrupt during the wait (a second Ctrl-C) is let through at once: the save
+        is abandoned, and its temporary directory is removed on the next start.
+        """
         try:
             self.wait_until_finished()
-        finally:
-            self._manager.close()
-            if self._anomaly_manager is not None:
-                self._anomaly_manager.close()
+        except Exception:
+            self._release()
+            raise
+        self._release()
+
+    def _release(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        self._manager.close()
+        if self._anomaly_manager is not None:
+            self._anomaly_manager.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -416,6 +384,7 @@ class CheckpointManager:
 
     def metadata(self, step: int, *, anomaly: bool = False) -> dict:
         """The metadata dict saved with `step` (caller's keys plus versions, leaves, val_loss)."""
+        self.wait_until_finished()
         manager = self._anomaly() if anomaly else self._manager
         self._require_step(manager, step, anomaly)
         where = f"checkpoint step {step} at {self.step_path(step, anomaly=anomaly)}"
@@ -525,10 +494,10 @@ def save_checkpoint(path, state, metadata: dict | None = None) -> None:
         raise CheckpointError(f"cannot save checkpoint to {path}: it already exists")
     step = int(getattr(state, "step", 0))
     args = ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(state),
+        STATE_ITEM: SafetensorsSave(state),
         METADATA_ITEM: ocp.args.JsonSave(build_metadata(state, step, metadata)),
     })
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_handler_registry())) as checkpointer:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         try:
             checkpointer.save(path, args=args)
         except Exception as error:

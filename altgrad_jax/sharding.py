@@ -24,8 +24,9 @@ leave the other two unset) and JAX reads the process count and id from the clust
   step) and `put_batch` hands each device its own rows, so no data is exchanged;
 - only process 0 writes metrics, alerts and W&B (`jax.process_index() == 0`); metrics are
   replicated scalars, readable on every process;
-- all processes call the checkpoint manager: Orbax writes and restores the global arrays
-  together (the directory must be on a file system every host sees).
+- all processes call the checkpoint manager: process 0 writes the replicated state, all take
+  part in Orbax's barriers and read it back (the directory must be on a file system every host
+  sees).
 """
 
 from __future__ import annotations
@@ -150,10 +151,12 @@ def put_state(state, mesh: Mesh | None):
     shardings = state_shardings(state, mesh)
     if all(sharding.is_fully_addressable for sharding in jax.tree.leaves(shardings)):
         return jax.device_put(state, shardings)
-    return jax.tree.map(_put_global, state, shardings)
+    return jax.tree.map(put_global, state, shardings)
 
 
-def _put_global(leaf, sharding):
+def put_global(leaf, sharding):
+    """`leaf` (the whole value, on this process: a NumPy array or a local jax array) laid out by
+    `sharding`, which may span the devices of every process."""
     # Multi-process: `device_put` refuses committed arrays for devices of other processes. Every
     # process holds the whole leaf, so each fills its own devices and no data crosses processes
     # (typed PRNG keys included, which have no numpy form for `make_array_from_callback`).

@@ -6,7 +6,7 @@
 #   benchmarks/run_all.sh --quick    # quick sizes everywhere
 #   benchmarks/run_all.sh --full     # full sizes everywhere (long on a CPU)
 #
-# Needs only jax, flax, optax, orbax-checkpoint and ml_dtypes (no wandb, no network, no install):
+# Needs only jax, flax, optax, orbax-checkpoint, safetensors and ml_dtypes (no wandb, no network, no install):
 # the package is imported from this checkout through PYTHONPATH. Python: $PYTHON, else `python`
 # on PATH. A benchmark missing from benchmarks/ is skipped with a note; one that fails or runs past
 # $BENCH_TIMEOUT seconds (default 300) is recorded as failed and the others still run.

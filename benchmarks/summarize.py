@@ -36,7 +36,7 @@ def _git_commit(root: Path) -> str | None:
 
 def _versions() -> dict:
     versions = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_dtypes"):
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "safetensors", "ml_dtypes"):
         try:
             module = __import__(name, fromlist=["__version__"])
             versions[name] = getattr(module, "__version__", "?")
