@@ -232,6 +232,8 @@ class CheckpointManager:
         self._pending = None  # (Orbax manager, step) of the save in flight
         self._worker = BackgroundWorker("altgrad_jax checkpoint") if jax.process_count() == 1 else None
         self._in_flight = None  # the worker's future for that save
+        self._abandoned = False  # a wait for the save in flight was interrupted
+        self._closed = False
         self._val_losses = {}
         for step in self._manager.all_steps():
             try:
@@ -307,6 +309,9 @@ class CheckpointManager:
 
     def _start(self, manager: ocp.CheckpointManager, step: int, args, **save_options) -> None:
         """Hand the save to the worker thread, or start Orbax's asynchronous save here."""
+        if self._closed:
+            raise CheckpointError(f"cannot save step {step}: the checkpoint manager for {self.directory} is closed")
+        self.wait_until_finished()  # one save at a time, whichever manager it is for
         self._pending = (manager, step)
         if self._worker is not None:
             def save_and_commit():
@@ -319,12 +324,13 @@ class CheckpointManager:
             manager.save(step, args=args, **save_options)
         except Exception as error:
             self._pending = None
+            self._forget_failed(manager, step)
             raise CheckpointError(f"save of step {step} to {manager.directory / str(step)} failed: {_first_line(error)}") from error
 
     def anomaly_steps(self) -> list[int]:
+        self.wait_until_finished()
         if self._anomaly_manager is None and not (self.directory / ANOMALY_SUBDIR).is_dir():
             return []
-        self.wait_until_finished()
         return sorted(self._anomaly().all_steps())
 
     def _anomaly(self) -> ocp.CheckpointManager:
@@ -334,32 +340,48 @@ class CheckpointManager:
         return self._anomaly_manager
 
     def wait_until_finished(self) -> None:
-        """Block until the save in flight is committed; raise CheckpointError if it failed."""
+        """Block until the save in flight is committed; raise CheckpointError if it failed.
+
+        Interrupted (KeyboardInterrupt, e.g. a second Ctrl-C), the save is abandoned: `close`
+        then returns at once and the save's temporary directory is removed on the next start.
+        """
         if self._pending is None:
             return
-        (manager, step), self._pending = self._pending, None
-        in_flight, self._in_flight = self._in_flight, None
+        manager, step = self._pending
         try:
-            if in_flight is not None:
-                in_flight.result()
+            if self._in_flight is not None:
+                self._in_flight.result()
             manager.wait_until_finished()
         except Exception as error:
-            if manager is self._manager:
-                self._val_losses.pop(step, None)
-            # Orbax dropped the steps it meant to rotate out from its in-memory list at save
-            # time; after a failed save they are still on disk, so list them again.
-            manager.reload()
+            self._pending = self._in_flight = None
+            self._forget_failed(manager, step)
             kind = "anomaly save" if manager is not self._manager else "save"
             raise CheckpointError(
                 f"asynchronous {kind} of step {step} to {manager.directory / str(step)} failed: {_first_line(error)}"
             ) from error
+        except BaseException:
+            self._abandoned = True
+            raise
+        self._pending = self._in_flight = None
+
+    def _forget_failed(self, manager: ocp.CheckpointManager, step: int) -> None:
+        if manager is self._manager:
+            self._val_losses.pop(step, None)
+        try:
+            # Orbax dropped the steps it meant to rotate out from its in-memory list at save
+            # time; after a failed save they are still on disk, so list them again.
+            manager.reload()
+        except Exception as error:  # the save's own error is the one to report
+            warnings.warn(f"could not re-read {manager.directory} after a failed save: {_first_line(error)}")
 
     def close(self) -> None:
         """Wait for the save in flight, then release the worker thread and Orbax's managers.
 
-        A KeyboardInterrupt during the wait (a second Ctrl-C) is let through at once: the save
-        is abandoned, and its temporary directory is removed on the next start.
+        After an interrupted wait it returns at once, leaving the save to die with the process.
         """
+        if self._closed or self._abandoned:
+            return
+        self._closed = True
         try:
             self.wait_until_finished()
         except Exception:
@@ -368,11 +390,19 @@ class CheckpointManager:
         self._release()
 
     def _release(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
-        self._manager.close()
-        if self._anomaly_manager is not None:
-            self._anomaly_manager.close()
+        def close_managers():
+            self._manager.close()
+            if self._anomaly_manager is not None:
+                self._anomaly_manager.close()
+
+        if self._worker is None:
+            close_managers()
+            return
+        # On the thread that ran the saves: Orbax re-raises a failed save's error once per
+        # calling thread, and that thread has raised it already (reported by wait_until_finished).
+        closed = self._worker.submit(close_managers)
+        self._worker.close()
+        closed.result()
 
     def __enter__(self) -> CheckpointManager:
         return self

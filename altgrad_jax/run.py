@@ -1,7 +1,9 @@
 """Command line: `python -m altgrad_jax.run --config PATH [--set key=value]... [--resume auto|never|PATH]`.
 
 Exit status: 0 done, 2 bad input (one line on stderr, nothing created or deleted),
-3 stopped by the NaN alert, 130 interrupted by Ctrl-C (143 by SIGTERM), after the pending save.
+3 stopped by the NaN alert, 130 interrupted by Ctrl-C (143 by SIGTERM), after the pending save;
+a second signal, or one outside the training loop, stops at once (same codes), abandoning a save
+still in flight.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+
+from .interrupts import StopAtOnce
 
 EXIT_BAD_INPUT = 2
 
@@ -59,6 +63,13 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 
 def main(argv=None) -> int:
+    # Outside the training loop (which stops at a step boundary, see interrupts.StopRequested)
+    # there is nothing to finish: Ctrl-C and SIGTERM end the process at once, without a traceback.
+    with StopAtOnce():
+        return _main(argv)
+
+
+def _main(argv) -> int:
     warnings.formatwarning = _one_line_warning
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)

@@ -178,6 +178,8 @@ def place(host: np.ndarray, sharding, key_impl: str | None = None):
 
 def _nested(tree: list[dict], arrays: dict[str, Any]):
     """Plain dicts (names) and lists (positions) from the saved key paths, for a restore without target."""
+    if len(tree) == 1 and not tree[0]["path"]:  # the state is a single array
+        return arrays[tree[0]["name"]]
     root: dict = {}
     for description in tree:
         node, parts = root, description["path"]

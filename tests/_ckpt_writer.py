@@ -5,7 +5,7 @@
 Saves step 1 (a small state), prints "saving 2" and starts an asynchronous save of step 2
 (a state of about MEGABYTES of incompressible float32), and idles like the training loop
 (which stops at a step boundary on SIGINT/SIGTERM) until it is killed or signalled; the
-manager's `with` block then waits for the save in flight.
+save in flight is waited for, unless a second signal abandons it.
 """
 
 import sys
@@ -38,6 +38,7 @@ def main(directory: str, megabytes: int) -> int:
         manager.save(2, big, val_loss=0.5)
         while not stop.requested:  # the "training loop" that a signal interrupts
             time.sleep(0.01)
+        manager.wait_until_finished()  # as the trainer does: a second signal here stops at once
     return stop.exit_code
 
 

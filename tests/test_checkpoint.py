@@ -391,6 +391,26 @@ def test_async_save_failure_surfaces_on_next_save(tmp_path):
         assert manager.all_steps() == [2]
 
 
+def test_a_failed_save_is_reported_by_the_anomaly_save_that_follows(tmp_path):
+    with CheckpointManager(tmp_path) as manager:
+        with FileSizeLimit(1 << 20):
+            manager.save(1, incompressible_state(1), val_loss=1.0)
+            with pytest.raises(CheckpointError, match=r"asynchronous save of step 1 .* failed"):
+                manager.save_on_anomaly(2, tiny_state(2))
+        manager.save_on_anomaly(2, tiny_state(2))
+        assert manager.anomaly_steps() == [2] and manager.all_steps() == []
+
+
+def test_a_closed_manager_refuses_to_save(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, tiny_state(1))
+    manager.close()
+    manager.close()  # twice is harmless
+    with pytest.raises(CheckpointError, match="is closed"):
+        manager.save(2, tiny_state(2))
+    assert CheckpointManager(tmp_path).all_steps() == [1]
+
+
 def data_bytes_under(path: Path) -> int:
     return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
 
@@ -450,6 +470,24 @@ def test_sigterm_waits_for_the_save_in_flight_and_exits_non_zero(tmp_path):
         big = jax.eval_shape(lambda: _ckpt_writer.large_state(64))
         restored = manager.restore(2, big)
         np.testing.assert_array_equal(restored["w"][3], _ckpt_writer.large_state(64)["w"][3])
+
+
+def test_a_second_signal_abandons_the_save_in_flight(tmp_path):
+    process = start_writer(tmp_path, megabytes=512)
+    try:
+        wait_for_partial_write(tmp_path, process, min_bytes=1)
+        process.send_signal(signal.SIGINT)  # stop at the next step boundary, then wait for the save
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)  # stop now
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == 130
+    assert not (tmp_path / "2").exists(), "the save finished before the second signal; the test proved nothing"
+    with CheckpointManager(tmp_path) as manager:
+        assert manager.all_steps() == [1]
+        manager.save(2, _ckpt_writer.small_state())  # the abandoned step can be written again
+    assert CheckpointManager(tmp_path).all_steps() == [1, 2]
+    assert not list(tmp_path.glob("*.orbax-checkpoint-tmp*")), "the abandoned save was not cleaned up"
 
 
 # ---- the real train state ----------------------------------------------------------------

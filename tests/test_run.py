@@ -222,6 +222,28 @@ def test_ctrl_c_finishes_the_save_and_exits_130(tmp_path, env, text_file):
     assert not list((out_dir / "checkpoints").glob("*tmp*")), "no unfinished save left behind"
 
 
+def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes(tmp_path, env, text_file):
+    out_dir = tmp_path / "interrupted"
+    args = tiny(out_dir, text_file, "max_steps=100000", "checkpoint_interval=20", "eval_interval=100000")
+    process = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out_dir / "checkpoints" / "20").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)  # wherever it lands (loop, last save, its wait, teardown): 130
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "terminate called" not in stderr, stderr[-3000:]
+    saved = max(int(p.name) for p in (out_dir / "checkpoints").iterdir() if p.name.isdigit())
+    resumed = run_to_end(tiny(out_dir, text_file, f"max_steps={saved + 5}", "checkpoint_interval=20",
+                              "eval_interval=100000"), env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after step {saved}" in resumed.stderr
+    assert not list((out_dir / "checkpoints").glob("*tmp*")), "the abandoned save was not cleaned up"
+    assert max(losses(out_dir)) == saved + 5
+
+
 def test_resume_from_an_earlier_step_directory_sets_later_steps_aside(tmp_path, env, text_file, finished_run):
     out_dir = tmp_path / "copy"
     shutil.copytree(finished_run, out_dir)

@@ -105,3 +105,8 @@ def test_float8_values_survive_the_unsigned_view(tmp_path):
     save_checkpoint(tmp_path / "c", {"codes": jnp.asarray(every_code)})
     restored = load_checkpoint(tmp_path / "c", {"codes": jax.ShapeDtypeStruct((256,), jnp.float8_e5m2)})
     np.testing.assert_array_equal(np.asarray(restored["codes"]).view(np.uint8), np.arange(256, dtype=np.uint8))
+
+
+def test_a_state_that_is_one_array_round_trips_without_target(tmp_path):
+    save_checkpoint(tmp_path / "c", jnp.arange(5, dtype=jnp.int32))
+    np.testing.assert_array_equal(np.asarray(load_checkpoint(tmp_path / "c")), np.arange(5, dtype=np.int32))
