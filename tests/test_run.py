@@ -206,14 +206,20 @@ def test_resume_auto_falls_back_past_a_corrupted_checkpoint(tmp_path, env, text_
     assert losses(out_dir) == losses(finished_run)  # steps 11..20 trained again, bitwise as before
 
 
-def test_ctrl_c_finishes_the_save_and_exits_130(tmp_path, env, text_file):
-    out_dir = tmp_path / "interrupted"
+def start_past_first_checkpoint(out_dir, text_file, env) -> subprocess.Popen:
+    """A long tiny run, returned once its checkpoint of step 20 is on disk."""
     args = tiny(out_dir, text_file, "max_steps=100000", "checkpoint_interval=20", "eval_interval=100000")
     process = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (out_dir / "checkpoints" / "20").is_dir():
         assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
         time.sleep(0.01)
+    return process
+
+
+def test_ctrl_c_finishes_the_save_and_exits_130(tmp_path, env, text_file):
+    out_dir = tmp_path / "interrupted"
+    process = start_past_first_checkpoint(out_dir, text_file, env)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
@@ -224,13 +230,9 @@ def test_ctrl_c_finishes_the_save_and_exits_130(tmp_path, env, text_file):
 
 def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes(tmp_path, env, text_file):
     out_dir = tmp_path / "interrupted"
-    args = tiny(out_dir, text_file, "max_steps=100000", "checkpoint_interval=20", "eval_interval=100000")
-    process = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (out_dir / "checkpoints" / "20").is_dir():
-        assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.01)
+    process = start_past_first_checkpoint(out_dir, text_file, env)
     process.send_signal(signal.SIGINT)
+    time.sleep(0.005)  # two signals sent at once can arrive as one
     process.send_signal(signal.SIGINT)  # wherever it lands (loop, last save, its wait, teardown): 130
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
