@@ -2,7 +2,7 @@
 # Run every benchmark with sizes that fit about 5 minutes on the device present and write
 # benchmarks/results/<device>.json (every benchmark's JSON) and benchmarks/results/<device>.md.
 #
-#   benchmarks/run_all.sh            # CPU: --quick sizes; GPU: full sizes
+#   benchmarks/run_all.sh            # CPU: --quick sizes (bench_checkpoint full); GPU: full sizes
 #   benchmarks/run_all.sh --quick    # quick sizes everywhere
 #   benchmarks/run_all.sh --full     # full sizes everywhere (long on a CPU)
 #
