@@ -59,16 +59,12 @@ def _path_parts(key_path) -> list:
     return parts
 
 
-def leaf_name(key_path) -> str:
-    """Orbax-style leaf name: 'opt_state.1.0.mu.wte.embedding'."""
-    return ".".join(str(part) for part in _path_parts(key_path))
-
-
 @functools.lru_cache(maxsize=16)
 def _paths_of(treedef) -> tuple[tuple[str, tuple], ...]:
+    """(leaf name, key path parts) per leaf; names are Orbax-style: 'opt_state.1.0.mu.wte.embedding'."""
     placeholder = jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves))
-    return tuple((leaf_name(key_path), tuple(_path_parts(key_path)))
-                 for key_path, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0])
+    paths = (tuple(_path_parts(key_path)) for key_path, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0])
+    return tuple((".".join(str(part) for part in parts), parts) for parts in paths)
 
 
 def named_leaves(tree) -> list[tuple[str, tuple, Any]]:
