@@ -37,6 +37,9 @@ _BLOCK_ELEMENTS = 1 << 20
 # Trust E[g²] - E[g]² only while var >= E[g²]/4 (|mean|/std <= √3): its rounding
 # error is then at most 4x that of the sums; beyond that, centre first.
 _NAIVE_VAR_MIN_FRACTION = 0.25
+# Plain Σx² at or above this (2**-100) is accurate; below it, or not finite, leaves are rescaled.
+_PLAIN_SUM_MIN = 2.0**-100
+_FLOAT32_MIN_NORMAL = 2.0**-126
 
 
 def layer_name(key_path) -> str:
@@ -251,27 +254,79 @@ def _structure_difference(tree_a, tree_b) -> str:
             f"{tree_util.tree_structure(tree_a)} vs {tree_util.tree_structure(tree_b)}")
 
 
+def _ratio(numerator, denominator):
+    """numerator / denominator, 0 where the denominator is 0 (the convention of every cosine and
+    norm ratio here, where the quantity is undefined); NaN stays NaN."""
+    return jnp.where(denominator == 0, 0.0, numerator / jnp.where(denominator == 0, 1.0, denominator))
+
+
+def _leaf_agreement(a, b):
+    """(cosine, ‖a‖, ‖b‖) of one pair of leaves, for any float32 magnitude.
+
+    The plain sums serve while Σa² and Σb² are finite and at least _PLAIN_SUM_MIN (subnormal
+    products then change them by at most ~n·2**-50 relative). Otherwise, under `lax.cond`, each
+    leaf is first divided by max(max|x|, smallest normal), so that no sum overflows or underflows.
+    A NaN or inf element gives NaN. XLA:CPU flushes subnormal elements (< 2**-126) to zero.
+    """
+    def unscaled(_):
+        return dot, jnp.sqrt(sum_sq_a), jnp.sqrt(sum_sq_b), one, one
+
+    def rescaled(_):
+        scale_a = jnp.maximum(jnp.max(jnp.abs(a), initial=0.0), _FLOAT32_MIN_NORMAL)
+        scale_b = jnp.maximum(jnp.max(jnp.abs(b), initial=0.0), _FLOAT32_MIN_NORMAL)
+        x, y = a / scale_a, b / scale_b
+        return jnp.sum(x * y), jnp.sqrt(jnp.sum(x * x)), jnp.sqrt(jnp.sum(y * y)), scale_a, scale_b
+
+    one = jnp.ones((), a.dtype)
+    dot, sum_sq_a, sum_sq_b = jnp.sum(a * b), jnp.sum(a * a), jnp.sum(b * b)
+    plain = (jnp.isfinite(sum_sq_a) & jnp.isfinite(sum_sq_b)
+             & (sum_sq_a >= _PLAIN_SUM_MIN) & (sum_sq_b >= _PLAIN_SUM_MIN))
+    dot, norm_a, norm_b, scale_a, scale_b = lax.cond(plain, unscaled, rescaled, None)
+    cos = jnp.clip(_ratio(_ratio(dot, norm_a), norm_b), -1.0, 1.0)
+    return cos, scale_a * norm_a, scale_b * norm_b
+
+
+def _global_norm(norms):
+    """sqrt(Σ norms²) without overflow or underflow: the largest norm is factored out."""
+    largest = jnp.max(norms)
+    return largest * jnp.sqrt(jnp.sum(jnp.square(_ratio(norms, largest))))
+
+
 def gradient_cosine_similarity(grads_a, grads_b) -> dict[str, jax.Array]:
-    """Per-leaf cosine similarity (0 where either leaf has zero norm), mean and min."""
+    """How the gradient `grads_a` (quantized) agrees with `grads_b` (the FP32 shadow).
+
+    - `grad_cos_sim/<leaf>`: cosine of the two leaves; `/mean` and `/min` over leaves (unweighted);
+      `/global`: cosine of the whole flattened gradients, Σ<a_leaf, b_leaf> / (‖a‖·‖b‖).
+    - `grad_norm_ratio/<leaf>`: ‖a_leaf‖ / ‖b_leaf‖; `/global`: ‖a‖ / ‖b‖ over the whole tree.
+    A cosine is 0 where either norm is 0, a ratio is 0 where the shadow norm ‖b‖ is 0 (both are
+    then undefined). A NaN or inf element gives NaN. No sum overflows or underflows, so the values
+    are accurate at any gradient magnitude whose norm fits in float32 (see _leaf_agreement).
+    """
     if tree_util.tree_structure(grads_a) != tree_util.tree_structure(grads_b):
         raise ValueError("gradient trees differ in structure: "
                          + _structure_difference(grads_a, grads_b))
     named_a = _named_leaves(grads_a, "gradient")
     named_b = _named_leaves(grads_b, "gradient")
     metrics = {}
-    cosines = []
+    cosines, norms_a, norms_b = [], [], []
     for (name, a), (_, b) in zip(named_a, named_b):
         if a.shape != b.shape:
             raise ValueError(f"gradient leaf {name!r} has shape {a.shape} vs {b.shape}")
-        dot = jnp.sum(a * b)
-        norms = jnp.sqrt(jnp.sum(a * a)) * jnp.sqrt(jnp.sum(b * b))
-        cos = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 0.0)
-        cos = jnp.clip(cos, -1.0, 1.0)
+        cos, norm_a, norm_b = _leaf_agreement(a, b)
         metrics[f"grad_cos_sim/{name}"] = cos
+        metrics[f"grad_norm_ratio/{name}"] = _ratio(norm_a, norm_b)
         cosines.append(cos)
-    cosines = jnp.stack(cosines)
+        norms_a.append(norm_a)
+        norms_b.append(norm_b)
+    cosines, norms_a, norms_b = (jnp.stack(v) for v in (cosines, norms_a, norms_b))
     metrics["grad_cos_sim/mean"] = jnp.mean(cosines)
     metrics["grad_cos_sim/min"] = jnp.min(cosines)
+    # Σ<a_leaf, b_leaf> = Σ cos_leaf·‖a_leaf‖·‖b_leaf‖, so the global cosine is a weighted sum of
+    # the leaf cosines with weights ‖a_leaf‖/‖a‖ · ‖b_leaf‖/‖b‖ (each in [0, 1]).
+    global_a, global_b = _global_norm(norms_a), _global_norm(norms_b)
+    weights = _ratio(norms_a, global_a) * _ratio(norms_b, global_b)
+    metrics["grad_cos_sim/global"] = jnp.clip(jnp.sum(cosines * weights), -1.0, 1.0)
+    metrics["grad_norm_ratio/global"] = _ratio(global_a, global_b)
     return metrics
 
 

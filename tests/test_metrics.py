@@ -1,6 +1,7 @@
 """Metrics against independent NumPy float64 computations."""
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -241,22 +242,68 @@ def test_layer_names_from_key_paths():
                                     "opaque/0", "opaque/1"])
 
 
-def numpy_cosine(a, b) -> dict:
-    expected, cosines = {}, []
+def numpy_agreement(a, b) -> dict:
+    """The cosines and norm ratios of gradient_cosine_similarity, in float64 from the same values."""
+    expected, cosines, dot, sq_a, sq_b = {}, [], 0.0, 0.0, 0.0
     for (path, x), (_, y) in zip(tree_util.tree_flatten_with_path(a)[0], tree_util.tree_flatten_with_path(b)[0]):
         x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-        norms = np.linalg.norm(x) * np.linalg.norm(y)
-        cos = float(x @ y / norms) if norms > 0 else 0.0
+        norm_x, norm_y = np.linalg.norm(x), np.linalg.norm(y)
+        cos = float(x @ y / (norm_x * norm_y)) if norm_x * norm_y > 0 else 0.0
         expected[f"grad_cos_sim/{layer_name(path)}"] = cos
+        expected[f"grad_norm_ratio/{layer_name(path)}"] = norm_x / norm_y if norm_y > 0 else 0.0
         cosines.append(cos)
-    return expected | {"grad_cos_sim/mean": np.mean(cosines), "grad_cos_sim/min": np.min(cosines)}
+        dot, sq_a, sq_b = dot + x @ y, sq_a + norm_x**2, sq_b + norm_y**2
+    norms = np.sqrt(sq_a) * np.sqrt(sq_b)
+    return expected | {
+        "grad_cos_sim/mean": np.mean(cosines), "grad_cos_sim/min": np.min(cosines),
+        "grad_cos_sim/global": dot / norms if norms > 0 else 0.0,
+        "grad_norm_ratio/global": np.sqrt(sq_a / sq_b) if sq_b > 0 else 0.0,
+    }
 
 
-def test_cosine_similarity_matches_numpy():
-    a = random_tree(1)
-    noise = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.5) * np.random.default_rng(2).standard_normal(np.shape(x)).astype(np.float32), a)
-    actual = jax.jit(gradient_cosine_similarity)(a, noise)
-    assert_metrics_close(actual, numpy_cosine(a, noise), rtol=1e-5, atol=1e-6)
+def disagreeing_pair(seed: int) -> tuple[dict, dict]:
+    """A gradient tree and a 'shadow' that agrees with it well on the large leaves and badly on
+    the small ones (one unrelated, two pointing the other way, one scaled by 1/4), so that
+    the global cosine is far from the unweighted mean over leaves."""
+    rng = np.random.default_rng(seed)
+    a = random_tree(seed)
+
+    def shadow(path, x):
+        x = np.asarray(x)
+        name = layer_name(path)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        if name == "h/1/ln_1/scale":
+            return noise * np.float32(1e-9)  # unrelated to the gradient: cosine ~0
+        if name == "scalar":
+            return -3 * x
+        if name == "at_threshold":
+            return -x + np.float32(0.1) * noise
+        if name == "constant":
+            return np.float32(0.25) * x
+        return x + np.float32(0.05) * np.abs(x).mean() * noise
+
+    return a, tree_util.tree_map_with_path(shadow, a)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_cosine_and_norm_ratio_match_numpy(seed):
+    a, b = disagreeing_pair(seed)
+    actual = jax.jit(gradient_cosine_similarity)(a, b)
+    expected = numpy_agreement(a, b)
+    assert_metrics_close(actual, expected, rtol=1e-5, atol=1e-6)
+    # The global cosine weighs leaves by their norms; the mean gives each leaf one vote.
+    assert expected["grad_cos_sim/global"] > 0.99 and expected["grad_cos_sim/mean"] < 0.7
+    assert float(actual["grad_norm_ratio/constant"]) == pytest.approx(4.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("scale_a, scale_b", [(1e25, 1e25), (1e-20, 1e-20), (1e20, 1e-15), (1e-20, 1.0)])
+def test_cosine_and_norm_ratio_at_extreme_magnitudes(scale_a, scale_b):
+    """Σx² overflows (1e25) or underflows (1e-20) in float32; the values must not. (Elements stay
+    normal: XLA:CPU flushes subnormals to zero.)"""
+    a, b = disagreeing_pair(3)
+    a = jax.tree.map(lambda x: (np.asarray(x, np.float64) * scale_a).astype(np.float32), a)
+    b = jax.tree.map(lambda x: (np.asarray(x, np.float64) * scale_b).astype(np.float32), b)
+    assert_metrics_close(jax.jit(gradient_cosine_similarity)(a, b), numpy_agreement(a, b), rtol=1e-5, atol=1e-6)
 
 
 def test_cosine_with_itself_negation_and_zero():
@@ -264,13 +311,38 @@ def test_cosine_with_itself_negation_and_zero():
     same = jax.jit(gradient_cosine_similarity)(tree, tree)
     negated = jax.jit(gradient_cosine_similarity)(tree, jax.tree.map(lambda x: -np.asarray(x), tree))
     for name, value in same.items():
-        expected = 0.0 if name == "grad_cos_sim/h/0/ln_1/scale" else 1.0
         if name in ("grad_cos_sim/mean", "grad_cos_sim/min"):
             continue
+        expected = 0.0 if name.endswith("/h/0/ln_1/scale") else 1.0  # a zero leaf
+        sign = -1.0 if name.startswith("grad_cos_sim/") else 1.0
         assert float(value) == pytest.approx(expected, abs=1e-6), name
-        assert float(negated[name]) == pytest.approx(-expected, abs=1e-6), name
+        assert float(negated[name]) == pytest.approx(sign * expected, abs=1e-6), name
     assert float(same["grad_cos_sim/min"]) == 0.0
     assert float(negated["grad_cos_sim/min"]) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_zero_and_nonfinite_conventions():
+    """0 where a norm is 0 (for the ratio: the shadow's norm), NaN from a NaN or inf element."""
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    a = {"zero_a": zeros, "zero_b": ones, "both_zero": zeros, "empty": np.zeros((0, 3), np.float32), "ok": ones}
+    b = {"zero_a": ones, "zero_b": zeros, "both_zero": zeros, "empty": np.zeros((0, 3), np.float32), "ok": 2 * ones}
+    metrics = {k: float(v) for k, v in jax.jit(gradient_cosine_similarity)(a, b).items()}
+    for name in ("zero_a", "zero_b", "both_zero", "empty"):
+        assert metrics[f"grad_cos_sim/{name}"] == 0.0 and metrics[f"grad_norm_ratio/{name}"] == 0.0, name
+    assert metrics["grad_norm_ratio/ok"] == 0.5 and metrics["grad_cos_sim/ok"] == 1.0
+    zero = jax.tree.map(np.zeros_like, b)
+    metrics = {k: float(v) for k, v in jax.jit(gradient_cosine_similarity)(a, zero).items()}
+    assert metrics["grad_cos_sim/global"] == 0.0 and metrics["grad_norm_ratio/global"] == 0.0
+    a["large"] = b["large"] = np.ones((64, 80), np.float32)
+    for bad, leaf in itertools.product((np.nan, np.inf, -np.inf), ("ok", "large")):
+        broken = dict(b, **{leaf: b[leaf].copy()})
+        broken[leaf].flat[1] = bad
+        for pair in ((a, broken), (broken, a)):
+            metrics = {k: float(v) for k, v in jax.jit(gradient_cosine_similarity)(*pair).items()}
+            for name in (f"grad_cos_sim/{leaf}", f"grad_norm_ratio/{leaf}", "grad_cos_sim/global",
+                         "grad_norm_ratio/global"):
+                assert np.isnan(metrics[name]), (bad, name)
+            assert metrics["grad_cos_sim/zero_a"] == 0.0
 
 
 def test_cosine_rejects_mismatched_trees():
