@@ -71,17 +71,34 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
     progress = Progress(config, start_step, tokens_per_step, enabled=is_logger)
 
     def publish(step, metrics, extra) -> bool:
-        """Host side of one step, run while the next step computes: log, check alerts, save the
-        anomaly checkpoint on the first non-finite loss. True when the run must stop."""
+        """Host side of one step, run while the next step computes: log and check alerts.
+        True when the run must stop (nan_patience non-finite steps in a row)."""
         scalars = to_host_scalars(metrics) | extra
+        if config.whatif_interval and step % config.whatif_interval:  # zeros between what-if steps
+            scalars = {name: value for name, value in scalars.items() if not name.startswith("whatif/")}
         action = monitor.check(step, scalars)
         if step % config.log_interval == 0 or extra or step == config.max_steps:
             for tracker in trackers:
                 tracker.log_step(step, scalars)
             progress.update(step, scalars)
-        if action == "save_checkpoint" or (action == "stop" and not manager.anomaly_steps()):
-            manager.save_on_anomaly(int(state.step), state, metadata=checkpoint_metadata)
         return action == "stop"
+
+    in_nonfinite_run = False
+
+    def save_if_first_nonfinite(step, metrics) -> None:
+        """Run before `state`, the result of `step`, is donated to the next step or the loop ends.
+
+        A non-finite step skips its update, so `state` then holds the params, optimizer and quant
+        state that produced the non-finite loss; the next step may change them. Its one flag is
+        therefore read here, before the next dispatch (the other metrics are read one step late),
+        and the first of a run of skipped steps is saved as the anomaly checkpoint. Every process
+        reads the same replicated flag, so all take the same decision (the save is collective).
+        """
+        nonlocal in_nonfinite_run
+        skipped = bool(jax.device_get(metrics["update_skipped"]))
+        if skipped and not in_nonfinite_run:
+            manager.save_on_anomaly(step, state, metadata=checkpoint_metadata)
+        in_nonfinite_run = skipped
 
     exit_code = EXIT_OK
     with CheckpointManager(config.checkpoint_path, max_checkpoints=config.max_checkpoints) as manager, \
@@ -91,13 +108,16 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
             for tracker in trackers:
                 tracker.log_step(0, {"val_loss": first_val})
             progress.note(f"step 0: val_loss {first_val:.4f}")
-        pending = None
+        pending = unchecked = None
         step = start_step
         for batch_index in range(start_step, config.max_steps):
             batch = put_batch(get_batch(dataset.train, seed=config.seed, step=batch_index,
                                         batch_size=config.batch_size, block_size=config.block_size), mesh)
+            if unchecked:
+                save_if_first_nonfinite(*unchecked)
             state, metrics = train_step(state, batch)
             step = batch_index + 1
+            unchecked = (step, metrics)
             if pending and publish(*pending):
                 exit_code = EXIT_NAN_STOP
                 break
@@ -117,6 +137,8 @@ def train(config: TrainConfig, dataset: Dataset, mesh, state, start_step: int, m
             if stop.requested:
                 exit_code = stop.exit_code
                 break
+        if unchecked:
+            save_if_first_nonfinite(*unchecked)
         if pending and exit_code != EXIT_NAN_STOP and publish(*pending):
             exit_code = EXIT_NAN_STOP
         if stop.requested and manager.latest_step() != step:
