@@ -15,10 +15,11 @@ _EXPORTS = {
     "save_config": "config",
     "apply_overrides": "config",
     # formats and quantization
-    "FORMATS": "formats",
-    "FloatFormat": "formats",
-    "get_format": "formats",
-    "quantize": "quantize",
+    "FORMATS": "quant",
+    "FloatFormat": "quant",
+    "get_format": "quant",
+    "quantize": "quant",
+    "quantized_matmul": "quant",
     # metrics
     "compute_gradient_stats": "metrics",
     "compute_stability_metrics": "metrics",

@@ -138,6 +138,10 @@ def check_target(saved: dict, target, where: str) -> None:
     target_leaves = leaf_signatures(target)
     missing = [name for name in saved_leaves if name not in target_leaves]
     extra = [name for name in target_leaves if name not in saved_leaves]
+    if any(name.startswith("quant_state/") and name.endswith("/scale") for name in missing):
+        raise CheckpointMismatchError(
+            f"{where}: written by an altgrad_jax before the three-slot FP8 recipe (its quant_state "
+            "holds one weight scale per layer, not x/w/dy amax histories); start a fresh run")
     if missing or extra:
         raise CheckpointMismatchError(
             f"{where}: the target's structure differs from the saved state "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import math
 import numbers
 import os
@@ -19,7 +18,9 @@ from typing import Any
 
 import yaml
 
-from altgrad_jax.formats import FORMATS
+from altgrad_jax.quant.formats import FORMATS
+from altgrad_jax.quant.rounding import ROUNDINGS
+from altgrad_jax.quant.scaling import SCALINGS, SLOTS
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,8 @@ class ConfigError(ValueError):
 UNQUANTIZED = "FP32"  # canonical layer format meaning "keep this layer in float32"
 _UNQUANTIZED_ALIASES = ("fp32", "none")
 WANDB_MODES = ("online", "offline", "disabled")
+UPDATE_RULES = ("adamw", "ulp", "preconditioned")
+WHATIF_DEFAULT = (*FORMATS, "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -71,18 +74,42 @@ class TrainConfig:
 
     # --- quantization (simulated 8-bit floats) ---
     use_fp8: bool = False  # quantize the linear layers; False = plain float32 training
-    fp8_format: str = "E5M2"  # default format name (a key of altgrad_jax.formats.FORMATS)
-    fp8_forward_format: str | None = None  # weights and activations; None -> fp8_format
-    fp8_backward_format: str | None = None  # gradients into layer inputs; None -> fp8_format
-    # fnmatch pattern on the layer name ("lm_head", "h/*/mlp/*") -> format name, or "FP32"/"none"
-    # for a layer left unquantized. First matching pattern wins; it sets both directions.
+    fp8_format: str = "E5M2"  # default format name (a key of altgrad_jax.quant.FORMATS)
+    fp8_forward_format: str | None = None  # x and w slots (activations, weights); None -> fp8_format
+    fp8_backward_format: str | None = None  # dy slot (gradient at a layer's output); None -> fp8_format
+    # Per slot scaling: delayed (amax history of earlier steps), current (the tensor's own amax)
+    # or none (scale 1); one value for x, w and dy, or a mapping {x: .., w: .., dy: ..}.
+    fp8_scaling: str | dict[str, str] = "delayed"
+    # Per slot rounding: nearest (ties to even) or stochastic; one value or a slot mapping.
+    fp8_rounding: str | dict[str, str] = "nearest"
+    # Ordered layer rules, first match wins: {match: glob on the layer name, then any of format
+    # (all slots), forward (x, w), backward (dy), x, w, dy (a format or FP32), scaling, rounding
+    # (one value or a slot mapping)}, e.g. [{match: lm_head, format: FP32}].
+    fp8_layer_rules: tuple[dict, ...] = ()
+    # Older shorthand: fnmatch pattern -> format or "FP32" for all three slots; consulted when no
+    # fp8_layer_rules entry matches.
     fp8_layer_formats: dict[str, str] = field(default_factory=dict)
-    quantize_activations: bool = True  # also quantize layer inputs (weights always are)
-    quantize_gradients: bool = True  # quantize gradients flowing back into layer inputs
+    quantize_activations: bool = True  # false: the x slot stays float32 in every layer
+    quantize_gradients: bool = True  # false: the dy slot stays float32 in every layer
     use_shadow: bool = False  # also compute float32 gradients each step and compare them
     amax_history_len: int = 16  # steps of |x| maxima kept for delayed scaling, >= 1
     fp8_amax_margin: float = 1.05  # scale uses margin * max(history); >= 1 leaves headroom
     fp8_hardware_gemm: bool = False  # real float8 dot (Hopper GPUs) instead of simulation
+    # What-if shadowing: every this many steps (0 = off) each quantized operand is also rounded
+    # to every candidate below, logged as whatif/<candidate>/<role>/{underflow,overflow,rel_err}/<layer>
+    whatif_interval: int = 0
+    whatif_formats: tuple[str, ...] = WHATIF_DEFAULT  # FORMATS names and/or bfloat16
+
+    # --- the weight update (where low-precision storage loses updates) ---
+    # How the params are stored between steps: float32, bfloat16, or a format name (values on its
+    # grid at a power-of-two per-tensor scale, kept as that format's codes); no float32 copy.
+    master_weights: str = "float32"
+    update_rounding: str = "nearest"  # rounding of the updated weight to master_weights: or stochastic
+    kahan: bool = False  # carry what that rounding dropped into the next update (float32 buffer)
+    opt_state_dtype: str = "float32"  # Adam moments between steps: float32, bfloat16 or a format name
+    # adamw; ulp (learning_rate counts ULPs of the stored weight per step); preconditioned (the
+    # earlier bench's AdamW on gradients times the weight's ULP)
+    update_rule: str = "adamw"
 
     # --- checkpointing ---
     checkpoint_interval: int = 100  # save every this many steps
@@ -91,7 +118,7 @@ class TrainConfig:
 
     # --- stability monitoring ---
     nan_patience: int = 10  # consecutive non-finite losses before the run stops, >= 1
-    bit_stall_threshold: float = 0.5  # alert when this fraction of weights stops changing
+    bit_stall_threshold: float = 0.5  # alert when update/norm_ratio < 1 - this (narrow master_weights)
     overflow_threshold: float = 0.01  # alert when this fraction of values saturates
     dead_neuron_threshold: float = 1e-8  # |gradient| below this counts as dead, >= 0
     dead_neuron_window: int = 100  # steps a dead fraction must persist before alerting
@@ -121,35 +148,12 @@ class TrainConfig:
         _coerce_fields(self, prefix="")
         _check_ranges(self)
 
-    def __hash__(self):  # the dict field would make the generated hash fail
-        return hash(tuple(
-            frozenset(value.items()) if isinstance(value, dict) else value
-            for value in (getattr(self, f.name) for f in dataclasses.fields(self))))
-
     @property
     def checkpoint_path(self) -> str:
         """The checkpoint directory: checkpoint_dir, or <out_dir>/checkpoints."""
         if self.checkpoint_dir is not None:
             return self.checkpoint_dir
         return os.path.join(self.out_dir, "checkpoints")
-
-    def forward_format_for(self, layer_name: str) -> str | None:
-        """Format for a layer's weights and activations; None = not quantized."""
-        if not self.use_fp8:
-            return None
-        return self._format_for(layer_name, self.fp8_forward_format)
-
-    def backward_format_for(self, layer_name: str) -> str | None:
-        """Format for the gradients flowing back into a layer's input; None = not quantized."""
-        if not self.use_fp8 or not self.quantize_gradients:
-            return None
-        return self._format_for(layer_name, self.fp8_backward_format)
-
-    def _format_for(self, layer_name: str, direction_format: str | None) -> str | None:
-        for pattern, name in self.fp8_layer_formats.items():
-            if fnmatch.fnmatchcase(layer_name, pattern):
-                return None if name == UNQUANTIZED else name
-        return direction_format or self.fp8_format
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (lists, dicts, scalars) that YAML can dump."""
@@ -159,7 +163,7 @@ class TrainConfig:
             if isinstance(value, MeshConfig):
                 value = dataclasses.asdict(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [dict(item) if isinstance(item, dict) else item for item in value]
             elif isinstance(value, dict):
                 value = dict(value)
             result[f.name] = value
@@ -227,7 +231,13 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """Parse ["key=value", "mesh.data_parallel=2"] into a nested dict; values are YAML."""
+    """Parse ["key=value", "mesh.data_parallel=2"] into a nested dict; values are YAML.
+
+    Nothing (or only blanks) after "=" is the empty string, as `key: ""` in a YAML file, not None
+    (YAML's reading of an empty value): `project=` switches W&B off. A field that must not be
+    empty then fails validation with its name (`run_name=`: "run_name: must not be empty");
+    `key=null` gives None.
+    """
     if isinstance(overrides, str):
         overrides = [overrides]
     sections = _section_names()
@@ -240,7 +250,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as error:
             problem = getattr(error, "problem", None) or error
             raise ConfigError(
@@ -390,6 +400,81 @@ def _as_layer_formats(name: str, value: object) -> dict[str, str]:
     return result
 
 
+def _as_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    text = _as_str(name, value).strip().lower()
+    if text not in choices:
+        raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
+def _as_storage(name: str, value: object) -> str:
+    """float32, bfloat16 (any case, fp32/bf16 too) or a canonical format name."""
+    text = _as_str(name, value).strip()
+    plain = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}.get(text.lower())
+    if plain is not None:
+        return plain
+    try:
+        return _as_format(name, text)
+    except ConfigError:
+        raise ConfigError(f"{name}: must be float32, bfloat16 or a format ({', '.join(FORMATS)}), "
+                          f"got {value!r}") from None
+
+
+def _as_whatif_formats(name: str, value: object) -> tuple[str, ...]:
+    names = _as_str_tuple(name, value)
+    if not names:
+        raise ConfigError(f"{name}: must name at least one candidate (turn what-if off with whatif_interval: 0)")
+    result = tuple("bfloat16" if n.strip().lower() in ("bfloat16", "bf16") else _as_format(name, n) for n in names)
+    if len(set(result)) != len(result):
+        raise ConfigError(f"{name}: a candidate is named twice, got {list(names)!r}")
+    return result
+
+
+def _as_slot_choice(name: str, value: object, choices: tuple[str, ...], *, fill: bool = True):
+    """One of `choices` for every slot, or a mapping of slots (x, w, dy) to one; with `fill`,
+    the slots a mapping leaves out get the default (the first choice)."""
+    if not isinstance(value, Mapping):
+        return _as_choice(name, value, choices)
+    _check_keys(value, SLOTS, prefix=f"{name}.")
+    given = {slot: _as_choice(f"{name}.{slot}", value[slot], choices) for slot in SLOTS if slot in value}
+    return {slot: given.get(slot, choices[0]) for slot in SLOTS} if fill else given
+
+
+_RULE_FORMAT_KEYS = {"format": SLOTS, "forward": ("x", "w"), "backward": ("dy",),
+                     "x": ("x",), "w": ("w",), "dy": ("dy",)}  # applied in this order
+_RULE_KEYS = ("match", *_RULE_FORMAT_KEYS, "scaling", "rounding")
+
+
+def _as_layer_rule(name: str, rule: object) -> dict:
+    """A rule as {match, x?, w?, dy?, scaling?: {slot: ..}, rounding?: {slot: ..}}."""
+    if not isinstance(rule, Mapping):
+        raise _type_error(name, "a mapping with a 'match' glob and slot settings", rule)
+    _check_keys(rule, _RULE_KEYS, prefix=f"{name}.")
+    match = rule.get("match")
+    if not isinstance(match, str) or not match:
+        raise ConfigError(f"{name}.match: must be a non-empty glob on the layer name, got {match!r}")
+    result: dict = {"match": match}
+    for key, slots in _RULE_FORMAT_KEYS.items():
+        if key in rule:
+            fmt = _as_format(f"{name}.{key}", rule[key], allow_unquantized=True)
+            result.update(dict.fromkeys(slots, fmt))
+    for key, choices in (("scaling", SCALINGS), ("rounding", ROUNDINGS)):
+        if key in rule:
+            value = _as_slot_choice(f"{name}.{key}", rule[key], choices, fill=False)
+            result[key] = value if isinstance(value, dict) else dict.fromkeys(SLOTS, value)
+    if len(result) == 1:
+        raise ConfigError(f"{name}: rule for {match!r} sets nothing (give a format, x, w, dy, scaling or rounding)")
+    return {"match": match, **{key: result[key] for key in ("x", "w", "dy", "scaling", "rounding") if key in result}}
+
+
+def _as_layer_rules(name: str, value: object) -> tuple[dict, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, Mapping)) or not isinstance(value, (list, tuple)):
+        raise _type_error(name, "a list of rules ({match: glob, ...})", value)
+    return tuple(_as_layer_rule(f"{name}[{index}]", rule) for index, rule in enumerate(value))
+
+
 def _as_str_tuple(name: str, value: object) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -433,6 +518,14 @@ _COERCE_BY_NAME: dict[str, Callable[[str, object], Any]] = {
     "fp8_format": _as_format,
     "fp8_forward_format": _optional(_as_format),
     "fp8_backward_format": _optional(_as_format),
+    "fp8_scaling": lambda name, value: _as_slot_choice(name, value, SCALINGS),
+    "fp8_rounding": lambda name, value: _as_slot_choice(name, value, ROUNDINGS),
+    "fp8_layer_rules": lambda name, value: _as_layer_rules(name, value),
+    "master_weights": lambda name, value: _as_storage(name, value),
+    "opt_state_dtype": lambda name, value: _as_storage(name, value),
+    "update_rounding": lambda name, value: _as_choice(name, value, ROUNDINGS),
+    "update_rule": lambda name, value: _as_choice(name, value, UPDATE_RULES),
+    "whatif_formats": lambda name, value: _as_whatif_formats(name, value),
     "wandb_mode": _as_wandb_mode,
     "project": _as_any_str,  # "" switches W&B off
 }
@@ -481,6 +574,7 @@ _RANGES = {
     "dead_neuron_threshold": _NON_NEGATIVE,
     "dead_neuron_window": _AT_LEAST_ONE,
     "alert_wait_seconds": _NON_NEGATIVE,
+    "whatif_interval": _NON_NEGATIVE,
     "log_interval": _AT_LEAST_ONE, "eval_interval": _AT_LEAST_ONE, "eval_iters": _AT_LEAST_ONE,
     "seed": _interval(0, 2**32, high_open=True),
 }
@@ -494,6 +588,9 @@ def _check_ranges(config: TrainConfig) -> None:
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd: must be divisible by n_head={config.n_head}, "
                           f"got {config.n_embd}")
+    if config.master_weights == "float32" and (config.kahan or config.update_rounding != "nearest"):
+        raise ConfigError("kahan / update_rounding: only act on narrow master_weights "
+                          "(bfloat16 or a format); with float32 the update is not rounded")
     if config.warmup_steps > config.max_steps:
         raise ConfigError(f"warmup_steps: must be <= max_steps={config.max_steps}, "
                           f"got {config.warmup_steps}")

@@ -2,9 +2,9 @@
 
 Token + position embeddings, `n_layer` pre-LayerNorm blocks (causal self-attention, GELU MLP),
 a final LayerNorm and an UNTIED output head (`lm_head/kernel` is its own parameter, not the
-transpose of `wte/embedding`). Every linear layer is a `QLinear` that quantizes its input and the
-gradient flowing back into it when the forward call receives a `QuantContext`; without one the
-model is plain float32.
+transpose of `wte/embedding`). Every linear layer is a `QLinear` that quantizes the three
+operands of its matmul (`altgrad_jax.quant.layer_matmul`) when the forward call receives the
+step's per-layer quantization inputs; without them the model is plain float32.
 
 Parameter paths (the pure-dict state of `nnx.split(model, nnx.Param)`):
 `wte/embedding`, `wpe/embedding`, `h/<i>/ln_1/{scale,bias}`, `h/<i>/attn/c_attn/{kernel,bias}`,
@@ -19,12 +19,14 @@ dropout), so the model holds no RNG state and `nnx.split(model, nnx.Param)` is i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altgrad_jax.qlinear import QLinear, QuantContext
+from altgrad_jax.quant.matmul import layer_matmul
+from altgrad_jax.quant.plan import LayerQuant
 
 INIT_STD = 0.02
 LAYER_NORM_EPS = 1e-5
@@ -46,6 +48,24 @@ def _layer_norm(n_embd: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(n_embd, epsilon=LAYER_NORM_EPS, rngs=rngs)
 
 
+class QLinear(nnx.Module):
+    """y = x @ kernel + bias, kernel `[in, out]`; quantized when `quant` holds this layer's name."""
+
+    def __init__(self, in_features: int, out_features: int, *, layer_name: str, init_std: float,
+                 use_bias: bool = True, rngs: nnx.Rngs):
+        self.layer_name = layer_name
+        self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x: jax.Array, quant: Mapping[str, LayerQuant] | None = None) -> jax.Array:
+        layer = None if quant is None else quant.get(self.layer_name)
+        if layer is None:
+            y = x @ self.kernel[...]
+        else:
+            y = layer_matmul(x, self.kernel[...], layer.recipe, layer.scales, layer.probe, layer.key, layer.whatif)
+        return y if self.bias is None else y + self.bias[...]
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, config, prefix: str, *, rngs: nnx.Rngs):
         n_embd = config.n_embd
@@ -56,7 +76,7 @@ class CausalSelfAttention(nnx.Module):
         self.c_attn = QLinear(n_embd, 3 * n_embd, layer_name=f"{prefix}/c_attn", init_std=INIT_STD, rngs=rngs)
         self.c_proj = QLinear(n_embd, n_embd, layer_name=f"{prefix}/c_proj", init_std=proj_std, rngs=rngs)
 
-    def __call__(self, x, *, dropout_key=None, quant: QuantContext | None = None):
+    def __call__(self, x, *, dropout_key=None, quant: Mapping[str, LayerQuant] | None = None):
         batch, seq, n_embd = x.shape
         head_dim = n_embd // self.n_head
         qkv = self.c_attn(x, quant)
@@ -79,7 +99,7 @@ class MLP(nnx.Module):
         self.c_fc = QLinear(n_embd, 4 * n_embd, layer_name=f"{prefix}/c_fc", init_std=INIT_STD, rngs=rngs)
         self.c_proj = QLinear(4 * n_embd, n_embd, layer_name=f"{prefix}/c_proj", init_std=proj_std, rngs=rngs)
 
-    def __call__(self, x, *, dropout_key=None, quant: QuantContext | None = None):
+    def __call__(self, x, *, dropout_key=None, quant: Mapping[str, LayerQuant] | None = None):
         hidden = jax.nn.gelu(self.c_fc(x, quant), approximate=True)  # GPT-2's tanh GELU
         return dropout(self.c_proj(hidden, quant), self.dropout_rate, dropout_key)
 
@@ -92,7 +112,7 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(config.n_embd, rngs)
         self.mlp = MLP(config, f"{prefix}/mlp", rngs=rngs)
 
-    def __call__(self, x, *, dropout_key=None, quant: QuantContext | None = None):
+    def __call__(self, x, *, dropout_key=None, quant: Mapping[str, LayerQuant] | None = None):
         x = x + self.attn(self.ln_1(x), dropout_key=_site_key(dropout_key, 0), quant=quant)
         return x + self.mlp(self.ln_2(x), dropout_key=_site_key(dropout_key, 1), quant=quant)
 
@@ -112,7 +132,7 @@ class GPT(nnx.Module):
             config.n_embd, config.vocab_size, layer_name="lm_head", init_std=INIT_STD, use_bias=False, rngs=rngs
         )
 
-    def __call__(self, idx: jax.Array, *, dropout_key: jax.Array | None = None, quant: QuantContext | None = None):
+    def __call__(self, idx: jax.Array, *, dropout_key: jax.Array | None = None, quant: Mapping[str, LayerQuant] | None = None):
         seq = idx.shape[1]
         if seq > self.block_size:
             raise ValueError(f"sequence length {seq} exceeds block_size {self.block_size}")

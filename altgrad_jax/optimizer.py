@@ -1,10 +1,15 @@
-"""AdamW with weight decay on matrices only, linear warmup then cosine decay, global-norm clipping."""
+"""The optimizer: global-norm clipping and AdamW (weight decay on matrices only), linear warmup then
+cosine decay, and the low-precision storage of weights and moments (altgrad_jax.update)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from altgrad_jax.update import gradient_preconditioned, low_precision_moments, stored_weight_update, ulp_scaled
+
+_UPDATE_ROUNDING_STREAM = 0x0DD5  # the stochastic rounding key of the weight update, from the seed
 
 
 def make_schedule(config):
@@ -31,10 +36,35 @@ def decay_mask(params):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """clip_by_global_norm(grad_clip) (skipped when grad_clip <= 0) followed by AdamW."""
-    adamw = optax.adamw(
-        make_schedule(config), b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay, mask=decay_mask
-    )
+    """clip_by_global_norm(grad_clip) (skipped when grad_clip <= 0), then the update rule (AdamW;
+    or in ULPs of the stored weight; or the earlier bench's gradient-preconditioned AdamW), with
+    the Adam moments stored as `opt_state_dtype`, and the params as `master_weights`."""
+    schedule = make_schedule(config)
+    adam_args = dict(b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay, mask=decay_mask)
+    if config.update_rule == "ulp":
+        rule = ulp_scaled(schedule, config.master_weights, **adam_args)
+    elif config.update_rule == "preconditioned":
+        rule = gradient_preconditioned(schedule, config.master_weights, **adam_args)
+    else:
+        rule = optax.adamw(schedule, **adam_args)
+    if config.opt_state_dtype != "float32":
+        rule = low_precision_moments(rule, config.opt_state_dtype)
     if config.grad_clip and config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+        rule = optax.chain(optax.clip_by_global_norm(config.grad_clip), rule)
+    if config.master_weights == "float32":
+        return rule
+    rounding_key = jax.random.fold_in(jax.random.key(config.seed), _UPDATE_ROUNDING_STREAM)
+    return stored_weight_update(rule, config.master_weights, config.update_rounding, config.kahan,
+                                key=rounding_key, metrics=True)
+
+
+def applied_learning_rate(schedule, opt_state) -> jax.Array:
+    """The rate the next `update` applies (in ULPs under update_rule ulp): the schedule at the
+    count of the transformation that reads it, which does not advance on a skipped update
+    (unlike TrainState.step)."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    for holder in ("ScaleByScheduleState", "ScaleByUlpState"):
+        counts = [count for path, count in found if getattr(path[-1], "tuple_name", None) == holder]
+        if counts:
+            return schedule(counts[0])
+    raise ValueError("no schedule count in the optimizer state")

@@ -333,13 +333,15 @@ def _check_level(level: str) -> None:
 
 
 class AlertMonitor:
-    """Watches each step's metrics (`loss`, `bit_stall_rate`, `overflow_rate`).
+    """Watches each step's metrics (`loss`, `update/norm_ratio`, `overflow_rate`).
 
     `check` returns "save_checkpoint" on the first of a run of consecutive non-finite losses
     (with a WARN alert), "stop" once `config.nan_patience` consecutive losses are non-finite
     (with an ERROR alert; when that is the first bad step too, i.e. nan_patience == 1, the caller
     should still save the anomaly checkpoint before stopping), "continue" otherwise.
-    `bit_stall_rate > bit_stall_threshold` and `overflow_rate > overflow_threshold` send WARN
+    `overflow_rate > overflow_threshold`, and `update/norm_ratio < 1 - bit_stall_threshold` (the
+    stored weights applied too little of the intended update; the metric exists only with narrow
+    master_weights, since float32 master weights lose nothing worth an alert) send WARN
     alerts, each title at most once per `config.alert_wait_seconds` of `clock` (the ERROR alert
     is never held back). A layer whose whole gradient is dead (`dead_neuron_frac/<layer>` == 1,
     every element below `dead_neuron_threshold`) for `dead_neuron_window` consecutive checked
@@ -365,16 +367,18 @@ class AlertMonitor:
             else:
                 self.consecutive_nonfinite += 1
                 action = self._nonfinite_action(step, loss)
-        for name, threshold_field, title in (
-            ("bit_stall_rate", "bit_stall_threshold", "High bit-stall rate"),
-            ("overflow_rate", "overflow_threshold", "High FP8 overflow rate"),
-        ):
-            if name in metrics:
-                value = float(to_scalar(name, metrics[name]))
-                threshold = getattr(self.config, threshold_field)
-                if value > threshold:
-                    self._send(title, f"step {step}: {name} {value:.4g} > {threshold_field} "
-                                      f"{threshold:g}", "WARN", step)
+        if "overflow_rate" in metrics:
+            value, threshold = float(to_scalar("overflow_rate", metrics["overflow_rate"])), self.config.overflow_threshold
+            if value > threshold:
+                self._send("High FP8 overflow rate", f"step {step}: overflow_rate {value:.4g} > overflow_threshold "
+                                                     f"{threshold:g}", "WARN", step)
+        if "update/norm_ratio" in metrics:  # only narrow master_weights can lose updates
+            value = float(to_scalar("update/norm_ratio", metrics["update/norm_ratio"]))
+            floor = 1.0 - self.config.bit_stall_threshold
+            if value < floor:
+                self._send("Stored weights lose updates",
+                           f"step {step}: update/norm_ratio {value:.4g} < 1 - bit_stall_threshold = {floor:g}",
+                           "WARN", step)
         self._check_dead_layers(step, metrics)
         return action
 

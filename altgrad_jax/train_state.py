@@ -8,7 +8,9 @@ from flax import nnx, struct
 
 from altgrad_jax.model import GPT
 from altgrad_jax.optimizer import make_optimizer
-from altgrad_jax.scaling import init_quant_state
+from altgrad_jax.quant.recipe import linear_layer_paths
+from altgrad_jax.quant.scaling import init_quant_state
+from altgrad_jax.update.master import initial_state_params, to_float32
 
 
 @struct.dataclass
@@ -16,10 +18,12 @@ class TrainState:
     """Everything a step reads and writes.
 
     step: int32 scalar, the number of steps taken.
-    params: plain nested dict of float32 arrays (`nnx.to_pure_dict` of the GPT's nnx.Param state;
-        block indices are int keys: params["h"][0]["attn"]["c_attn"]["kernel"]).
+    params: plain nested dict (`nnx.to_pure_dict` of the GPT's nnx.Param state; block indices are
+        int keys: params["h"][0]["attn"]["c_attn"]["kernel"]) of float32 arrays, or as stored
+        under a narrow `master_weights` (update/master.py: bfloat16 arrays or Encoded codes).
     opt_state: optax state of `make_optimizer(config)`.
-    quant_state: per linear layer {"amax_history", "scale"} (see `scaling.py`), never optimized.
+    quant_state: per linear layer and operand slot x, w, dy an "amax_history" (quant/scaling.py);
+        overwritten by the step, never optimized.
     key: typed PRNG key (`jax.random.key`); dropout uses fold_in(key, step).
     """
 
@@ -46,12 +50,13 @@ def init_params(config, key: jax.Array) -> dict:
 def init_train_state(config) -> TrainState:
     """Same config, bitwise the same state: everything derives from `jax.random.key(config.seed)`."""
     param_key, train_key = jax.random.split(jax.random.key(config.seed))
-    params = init_params(config, param_key)
+    params32 = init_params(config, param_key)
+    params = initial_state_params(params32, config.master_weights)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=make_optimizer(config).init(params),
-        quant_state=init_quant_state(params, config),
+        opt_state=make_optimizer(config).init(to_float32(params, config.master_weights)),
+        quant_state=init_quant_state(linear_layer_paths(params32), config.amax_history_len),
         key=train_key,
     )
 

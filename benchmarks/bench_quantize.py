@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from altgrad_jax.formats import FORMATS
-from altgrad_jax.quantize import quantization_counts, quantize
+from altgrad_jax.quant.formats import FORMATS
+from altgrad_jax.quant import quantization_counts, quantize
 
 TARGET_RATIO_TO_COPY = 4.0
 

@@ -3,7 +3,7 @@
 import ml_dtypes
 import pytest
 
-from altgrad_jax.formats import FORMATS, FloatFormat, get_format
+from altgrad_jax.quant.formats import FORMATS, FloatFormat, get_format
 
 ML_DTYPES = {"E5M2": ml_dtypes.float8_e5m2, "E4M3": ml_dtypes.float8_e4m3fn, "E3M4": ml_dtypes.float8_e3m4}
 

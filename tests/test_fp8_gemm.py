@@ -1,5 +1,6 @@
-"""fp8_matmul equals the simulated (fake-quant) product and its gradient; hlo_uses_fp8_gemm tells
-a real FP8 GEMM from the silent fallback."""
+"""The float8-operand path of layer_matmul (fp8_hardware_gemm) equals NumPy's product of the
+ml_dtypes-cast operands and the simulated path; hlo_uses_fp8_gemm tells a real FP8 GEMM from the
+silent fallback."""
 
 import jax
 import jax.numpy as jnp
@@ -7,11 +8,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from altgrad_jax.fp8_gemm import check_hardware_pair, fp8_matmul, hlo_uses_fp8_gemm, to_fp8
-from altgrad_jax.formats import get_format
-from altgrad_jax.quantize import quantize
+from altgrad_jax.quant import LayerRecipe, SlotRecipe, get_format, layer_matmul, quantized_matmul
+from altgrad_jax.quant.hardware import check_hardware_recipe, fp8_gemm_count, hlo_uses_fp8_gemm
 
 ML_DTYPES = {"E4M3": ml_dtypes.float8_e4m3fn, "E5M2": ml_dtypes.float8_e5m2}
+
+
+def fp8_matmul(x, w, x_scale, w_scale, fmt_x="E4M3", fmt_w="E4M3", fmt_dy="E5M2", dy_scale=1.0):
+    """layer_matmul on float8 operands with given (delayed) scales."""
+    recipe = LayerRecipe(SlotRecipe(fmt_x), SlotRecipe(fmt_w), SlotRecipe(fmt_dy), hardware=True)
+    return layer_matmul(x, w, recipe, jnp.asarray([x_scale, w_scale, dy_scale], jnp.float32))
 
 
 def _operands(seed=0, shape=(3, 8, 48), n_out=32):
@@ -50,33 +56,29 @@ def test_matches_numpy_and_the_fake_quant_dot(fmt_x, fmt_w):
     bound = 48 * np.finfo(np.float32).eps * magnitude + 1e-30
     assert np.all(np.abs(y - exact) <= bound)
 
-    fake = np.asarray(quantize(x, fmt_x, x_scale) @ quantize(w, fmt_w, w_scale))
+    fake = np.asarray(quantized_matmul(x, w, fmt_x, fmt_w, None, x_scale, w_scale))
     assert np.all(np.abs(y - fake) <= 2 * bound)
     # The saturated outlier really changed the result (the test would see a missing clip).
     unclipped = (np.asarray(x, np.float64) / x_scale).max()
     assert unclipped > get_format(fmt_x).max_finite
 
 
-def test_gradient_is_the_straight_through_gradient_of_the_fake_quant_dot():
+def test_backward_products_take_float8_dy_and_equal_numpy():
     x, w = _operands(seed=1, shape=(4, 16), n_out=24)
     x_scale, w_scale = np.float32(2.0 / 448), np.float32(0.2 / 448)
     cotangent = np.random.default_rng(2).standard_normal((4, 24)).astype(np.float32)
+    dy_scale = np.float32(np.abs(cotangent).max() / 57344.0)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(fp8_matmul(x, w, x_scale, w_scale, dy_scale=dy_scale) * cotangent),
+                      argnums=(0, 1))(x, w)
 
-    def hardware(x, w):
-        return jnp.sum(fp8_matmul(x, w, x_scale, w_scale, "E4M3", "E4M3") * cotangent)
+    def cast(a, scale, fmt):
+        limit = get_format(fmt).max_finite
+        return np.clip(a * (np.float32(1) / scale), -limit, limit).astype(ML_DTYPES[fmt]).astype(np.float64) * scale
 
-    def simulated(x, w):
-        return jnp.sum((quantize(x, "E4M3", x_scale) @ quantize(w, "E4M3", w_scale)) * cotangent)
-
-    dx, dw = jax.grad(hardware, argnums=(0, 1))(x, w)
-    ref_dx, ref_dw = jax.grad(simulated, argnums=(0, 1))(x, w)
-    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-6)
-    # Independent check of the straight-through rule: dx = g @ q(w)^T in float64.
-    wq = np.asarray(to_fp8(w, "E4M3", w_scale)).astype(np.float64) * w_scale
-    np.testing.assert_allclose(dx, cotangent.astype(np.float64) @ wq.T, rtol=1e-5, atol=1e-6)
-    scale_grads = jax.grad(lambda s: jnp.sum(fp8_matmul(x, w, s, w_scale, "E4M3", "E4M3")))(x_scale)
-    assert float(scale_grads) == 0.0
+    xq, wq, dyq = cast(x, x_scale, "E4M3"), cast(w, w_scale, "E4M3"), cast(cotangent, dy_scale, "E5M2")
+    np.testing.assert_allclose(dx, dyq @ wq.T, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dw, xq.T @ dyq, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(dw, xq.T @ cotangent, rtol=1e-4, atol=0)  # dy really was quantized
 
 
 def test_nan_stays_nan():
@@ -90,11 +92,16 @@ def test_bad_input_is_refused_with_a_clear_message():
     x, w = _operands(shape=(2, 16), n_out=8)
     with pytest.raises(ValueError, match="format E3M4 has no FP8 tensor-core GEMM"):
         fp8_matmul(x, w, 1.0, 1.0, "E3M4", "E4M3")
-    with pytest.raises(ValueError, match=r"fp8_matmul needs x \[..., K\] and w \[K, N\]"):
+    with pytest.raises(ValueError, match=r"quantized_matmul needs x \[..., K\] and w \[K, N\]"):
         fp8_matmul(x, w.T, 1.0, 1.0, "E4M3", "E4M3")
-    with pytest.raises(ValueError, match="no E5M2 x E5M2 GEMM"):
-        check_hardware_pair("E5M2", "e5m2")
-    check_hardware_pair("E4M3", "E5M2")
+    hybrid = LayerRecipe(SlotRecipe("E4M3"), SlotRecipe("E4M3"), SlotRecipe("E5M2"), hardware=True)
+    check_hardware_recipe(hybrid, "h/0/mlp/c_fc")
+    for bad, message in ((hybrid._replace(w=SlotRecipe("E5M2")), r"E5M2 x E5M2 GEMM \(dy.w"),
+                         (hybrid._replace(x=SlotRecipe("E5M2"), dy=SlotRecipe("E5M2")), r"x.dy"),
+                         (hybrid._replace(x=SlotRecipe(None)), "leaves x in float32"),
+                         (hybrid._replace(dy=SlotRecipe("E2M5")), "E2M5 has no FP8")):
+        with pytest.raises(ValueError, match=message):
+            check_hardware_recipe(bad, "h/0/mlp/c_fc")
 
 
 CUBLASLT_HLO = """HloModule jit_f, entry_computation_layout={(f8e4m3fn[16,32]{1,0}, f8e4m3fn[16,32]{1,0})->f32[16,16]{1,0}}
@@ -125,8 +132,8 @@ ENTRY %main.2 (x: f8e4m3fn[64,128], y: f8e5m2[128,64]) -> f32[64,64] {
 
 
 def test_hlo_check_recognises_fp8_gemms_and_fallbacks():
-    assert hlo_uses_fp8_gemm(CUBLASLT_HLO)
-    assert hlo_uses_fp8_gemm(TRITON_HLO)
+    assert hlo_uses_fp8_gemm(CUBLASLT_HLO) and fp8_gemm_count(CUBLASLT_HLO) == 1
+    assert hlo_uses_fp8_gemm(TRITON_HLO) and fp8_gemm_count(TRITON_HLO) == 1
     # Fallback: the fusion upcasts one operand before the dot.
     upcast = TRITON_HLO.replace(
         "  ROOT %dot.1 = f32[64,64]{1,0} dot(f8e4m3fn[64,128]{1,0} %p0,",
@@ -155,9 +162,16 @@ def _is_hopper() -> bool:
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="needs a Hopper (sm_90+) GPU")
-def test_on_hopper_e4m3_runs_an_fp8_gemm_and_e5m2_pairs_fall_back():
+def test_on_hopper_the_forward_and_both_backward_products_are_fp8_gemms():
     x, w = _operands(shape=(64, 128), n_out=64)
-    fn = jax.jit(fp8_matmul, static_argnums=(4, 5))
-    assert hlo_uses_fp8_gemm(fn.lower(x, w, 0.05, 0.001, "E4M3", "E4M3").compile().as_text())
-    assert hlo_uses_fp8_gemm(fn.lower(x, w, 0.05, 0.001, "E4M3", "E5M2").compile().as_text())
-    assert not hlo_uses_fp8_gemm(fn.lower(x, w, 0.05, 0.001, "E5M2", "E5M2").compile().as_text())
+    cotangent = np.random.default_rng(4).standard_normal((64, 64)).astype(np.float32)
+
+    def grads(fmt_x, fmt_w, fmt_dy):
+        def loss(x, w):
+            return jnp.sum(fp8_matmul(x, w, 0.05, 0.001, fmt_x, fmt_w, fmt_dy, 1e-3) * cotangent)
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+
+    assert fp8_gemm_count(grads("E4M3", "E4M3", "E5M2")) >= 3  # y, dx and dw
+    assert fp8_gemm_count(grads("E4M3", "E4M3", "E4M3")) >= 3
+    forward = jax.jit(lambda x, w: fp8_matmul(x, w, 0.05, 0.001, "E5M2", "E5M2")).lower(x, w).compile().as_text()
+    assert not hlo_uses_fp8_gemm(forward)  # E5M2 x E5M2: XLA upcasts

@@ -6,44 +6,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from altgrad_jax.formats import FORMATS
-from altgrad_jax.quantize import quantization_counts, quantize, round_to_format
+from altgrad_jax.quant.formats import FORMATS
+from altgrad_jax.quant import quantization_counts, quantize, round_to_format
+from tests._reference import assert_bitwise_equal, brute_force_round, layout_code_values, ml_dtypes_round
 
 ML_DTYPE_NAMES = [name for name, fmt in FORMATS.items() if fmt.dtype is not None]
 EXOTIC_NAMES = [name for name, fmt in FORMATS.items() if fmt.dtype is None]
 RNG = np.random.default_rng(1234)
-
-
-def layout_code_values(fmt) -> np.ndarray:
-    """The nonnegative finite code values, code c at index c, decoded from the bit layout alone
-    (for the ml_dtypes formats the inf/NaN codes at the top are left out)."""
-    mantissa_steps = 2**fmt.mantissa_bits
-    values = []
-    for code in range(128):
-        exponent_field, mantissa_field = divmod(code, mantissa_steps)
-        if exponent_field == 0:
-            values.append(mantissa_field * 2.0 ** (1 - fmt.bias - fmt.mantissa_bits))
-        else:
-            values.append((1 + mantissa_field / mantissa_steps) * 2.0 ** (exponent_field - fmt.bias))
-    values = np.array(values)
-    return values[values <= fmt.max_finite]
-
-
-def brute_force_round(x: np.ndarray, fmt) -> np.ndarray:
-    """Nearest code value by exhaustive search, ties to the even code, saturating, NaN kept."""
-    codes = layout_code_values(fmt)
-    magnitude = np.minimum(np.abs(x.astype(np.float64)), codes[-1])
-    distance = np.abs(magnitude[:, None] - codes[None, :])
-    nearest = distance == distance.min(axis=1, keepdims=True)
-    even = nearest & (np.arange(codes.size) % 2 == 0)
-    chosen = np.where(even.any(axis=1), even.argmax(axis=1), nearest.argmax(axis=1))
-    out = np.copysign(codes[chosen], x).astype(np.float32)
-    out[np.isnan(x)] = np.nan
-    return out
-
-
-def ml_dtypes_round(x: np.ndarray, fmt) -> np.ndarray:
-    return np.clip(x, -fmt.max_finite, fmt.max_finite).astype(fmt.dtype).astype(np.float32)
 
 
 def probe_values(grid: np.ndarray, fmt) -> np.ndarray:
@@ -65,13 +34,6 @@ def probe_values(grid: np.ndarray, fmt) -> np.ndarray:
         [0.0, 1e30, 3.4e38, np.inf, 1e-30],
     ]).astype(np.float32)
     return np.concatenate([magnitudes, -magnitudes, [np.nan]]).astype(np.float32)
-
-
-def assert_bitwise_equal(actual, expected, x):
-    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-    same = (actual.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(actual) & np.isnan(expected))
-    bad = np.flatnonzero(~same)
-    assert bad.size == 0, f"{bad.size} mismatches, e.g. x={x[bad[:4]]} got {actual[bad[:4]]} want {expected[bad[:4]]}"
 
 
 @pytest.mark.parametrize("name", ML_DTYPE_NAMES)

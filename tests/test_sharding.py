@@ -76,7 +76,7 @@ def test_first_step_metrics_are_those_of_the_global_batch(runs):
     assert sharded.keys() == single.keys()
     names = set(single)
     for required in ("loss", "shadow_loss", "grad_norm", "grad_cos_sim/mean", "overflow_rate", "underflow_rate",
-                     "bit_stall_rate", "zero_update_frac", "quant/underflow/h/0/mlp/c_fc"):
+                     "bit_stall_rate", "zero_update_frac", "quant/underflow/dy/h/0/mlp/c_fc"):
         assert required in names
     # A per-shard amax would give other current scales, hence other roundings of every quantized
     # activation and gradient: the loss and gradients would then differ far beyond these tolerances.

@@ -129,21 +129,29 @@ def test_nan_patience_one_stops_at_once():
 def test_warn_alerts_are_rate_limited_per_title():
     clock, recorder = FakeClock(), RecordingTracker()
     monitor = AlertMonitor(Config(alert_wait_seconds=300.0), [recorder], clock=clock)
-    high_both = {"loss": 1.0, "bit_stall_rate": 0.9, "overflow_rate": 0.5}
+    high_both = {"loss": 1.0, "update/norm_ratio": 0.4, "overflow_rate": 0.5}
     assert monitor.check(0, high_both) == "continue"
     clock.now += 100
     monitor.check(1, high_both)
-    monitor.check(2, {"loss": 1.0, "bit_stall_rate": 0.5, "overflow_rate": 0.01})  # not above
+    monitor.check(2, {"loss": 1.0, "update/norm_ratio": 0.5, "overflow_rate": 0.01})  # not beyond
     clock.now += 200  # 300 s after the first alerts
-    monitor.check(3, {"bit_stall_rate": 0.9})
+    monitor.check(3, {"update/norm_ratio": 0.4})
     clock.now += 299
     monitor.check(4, high_both)
     assert recorder.alerts == [
-        (0, "WARN", "High bit-stall rate"),
         (0, "WARN", "High FP8 overflow rate"),
-        (3, "WARN", "High bit-stall rate"),
+        (0, "WARN", "Stored weights lose updates"),
+        (3, "WARN", "Stored weights lose updates"),
         (4, "WARN", "High FP8 overflow rate"),
     ]
+
+
+def test_bit_stall_never_alerts_without_narrow_master_weights():
+    recorder = RecordingTracker()
+    monitor = AlertMonitor(Config(alert_wait_seconds=0.0), [recorder], clock=FakeClock())
+    for step in range(3):  # float32 master weights: a high stall of the FP8 copy is no lost update
+        monitor.check(step, {"loss": 1.0, "bit_stall_rate": 0.99, "zero_update_frac": 0.9})
+    assert recorder.alerts == []
 
 
 def test_error_alert_is_never_rate_limited():
@@ -311,7 +319,7 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, clean_wandb_env
         for step in range(3):
             for t in (tracker, local):
                 t.log_step(step, {"loss": 1.0})
-            monitor.check(step, {"loss": 1.0, "bit_stall_rate": 0.9})
+            monitor.check(step, {"loss": 1.0, "update/norm_ratio": 0.1})
         tracker.finish()
         local.finish()
     assert tracker.mode == "disabled" and not tracker.enabled
