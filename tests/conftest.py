@@ -1,6 +1,28 @@
-"""Fixtures shared by the end-to-end tests."""
+"""Fixtures shared by the end-to-end tests, and one compilation cache for the whole session."""
+
+import os
+import shutil
+import tempfile
 
 import pytest
+
+
+def pytest_configure(config):
+    """Many tests (and the CLI subprocesses they start, which inherit the environment) compile the
+    same tiny steps; JAX's persistent compilation cache lets every compile after the first load
+    the executable instead. A fresh directory per session, so nothing stale is ever read."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    directory = tempfile.mkdtemp(prefix="altgrad-jax-test-cache-")
+    config._altgrad_cache_dir = directory
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+    directory = getattr(config, "_altgrad_cache_dir", None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
