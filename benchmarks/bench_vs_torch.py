@@ -1,0 +1,148 @@
+"""The plain nanoGPT training step here (JAX/Flax) against the same step in PyTorch, alternating.
+
+Both sides: token + position embeddings, pre-LayerNorm blocks (causal attention, tanh-GELU MLP),
+final LayerNorm, untied head, mean cross entropy, global-norm clipping at 1.0 and AdamW
+(weight decay 0.1 on matrices), float32, random tokens, the same sizes and thread count. PyTorch
+uses F.scaled_dot_product_attention. Rounds alternate (JAX, PyTorch) and the median of the
+per-round ratios is printed as one JSON object. Without PyTorch it prints one line and exits 0.
+
+    PYTHONPATH=. python benchmarks/bench_vs_torch.py                 # small and medium sizes
+    PYTHONPATH=. python benchmarks/bench_vs_torch.py --sizes small --rounds 3
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+SIZES = {  # the sizes of issue 14's measurements
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16),
+    "medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=12),
+}
+VOCAB = 256
+
+
+def torch_step_factory(torch, sizes):
+    nn, F = torch.nn, torch.nn.functional
+    d, heads = sizes["n_embd"], sizes["n_head"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+            q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+            x = x + self.c_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(sizes["block_size"], d)
+            self.h = nn.ModuleList(Block() for _ in range(sizes["n_layer"]))
+            self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, VOCAB, bias=False)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            logits = self.lm_head(self.ln_f(x))
+            return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+
+    model = GPT()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=3e-4, betas=(0.9, 0.95))
+
+    def step(idx, targets):
+        loss = model(idx, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="small,medium", help="comma-separated: small, medium")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3, help="steps per round and side")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("bench_vs_torch: PyTorch is not installed (pip install torch); skipped")
+        return
+    torch.set_num_threads(args.threads)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_step import make_plain_step
+
+    from altgrad_jax.config import TrainConfig
+    from altgrad_jax.train_state import init_train_state
+
+    results = {}
+    for name in args.sizes.split(","):
+        sizes = SIZES[name]
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, VOCAB, (sizes["batch_size"], sizes["block_size"] + 1))
+        config = TrainConfig(**sizes, vocab_size=VOCAB, learning_rate=3e-4, warmup_steps=0, max_steps=1000)
+        jax_step = make_plain_step(config)
+        state = init_train_state(config)
+        carry = (state.params, state.opt_state)
+        jax_batch = (jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32))
+        torch_step = torch_step_factory(torch, sizes)
+        torch_batch = (torch.as_tensor(tokens[:, :-1]), torch.as_tensor(tokens[:, 1:]))
+
+        def run_jax(n):
+            nonlocal carry
+            start = time.perf_counter()
+            for _ in range(n):
+                carry, loss = jax_step(carry, jax_batch)
+            jax.block_until_ready((carry, loss))
+            return (time.perf_counter() - start) / n
+
+        def run_torch(n):
+            start = time.perf_counter()
+            for _ in range(n):
+                loss = torch_step(*torch_batch)
+            float(loss)
+            return (time.perf_counter() - start) / n
+
+        run_jax(2), run_torch(2)  # burn-in (compile, allocator warm-up)
+        jax_times, torch_times = [], []
+        for _ in range(args.rounds):
+            jax_times.append(run_jax(args.steps))
+            torch_times.append(run_torch(args.steps))
+        results[name] = {
+            "sizes": sizes,
+            "jax_ms_per_step": statistics.median(jax_times) * 1e3,
+            "torch_ms_per_step": statistics.median(torch_times) * 1e3,
+            "jax_over_torch_median_ratio": statistics.median(j / t for j, t in zip(jax_times, torch_times)),
+        }
+    print(json.dumps({"benchmark": "vs_torch", "backend": jax.default_backend(), "threads": args.threads,
+                      "torch_version": torch.__version__, "jax_version": jax.__version__,
+                      "rounds": args.rounds, "steps_per_round": args.steps, "results": results,
+                      "target_ratio_max": 1.0}))
+    assert math.isfinite(results[next(iter(results))]["jax_over_torch_median_ratio"])
+
+
+if __name__ == "__main__":
+    main()
