@@ -56,7 +56,7 @@ def torch_step_factory(torch, sizes):
             for block in self.h:
                 x = block(x)
             logits = self.lm_head(self.ln_f(x))
-            return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+            return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
     model = GPT()
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -123,7 +123,7 @@ def main():
             start = time.perf_counter()
             for _ in range(n):
                 loss = torch_step(*torch_batch)
-            float(loss)
+            loss.item()
             return (time.perf_counter() - start) / n
 
         run_jax(2), run_torch(2)  # burn-in (compile, allocator warm-up)
