@@ -31,14 +31,16 @@ _EXPORTS = {
     "make_train_step": "train_step",
     "make_eval_step": "train_step",
     # checkpoints
-    "CheckpointManager": "checkpoint",
-    "CheckpointError": "checkpoint",
-    "save_checkpoint": "checkpoint",
-    "load_checkpoint": "checkpoint",
-    # tracking
-    "LocalTracker": "tracking",
-    "WandbTracker": "tracking",
-    "check_alerts": "tracking",
+    "CheckpointManager": "ckpt.manager",
+    "CheckpointError": "ckpt.errors",
+    "save_checkpoint": "ckpt.manager",
+    "load_checkpoint": "ckpt.manager",
+    # the run loop
+    "train": "loop.trainer",
+    "LocalTracker": "loop.local_tracker",
+    "WandbTracker": "loop.wandb_tracker",
+    "AlertMonitor": "loop.alerts",
+    "check_alerts": "loop.alerts",
 }
 
 __all__ = sorted(_EXPORTS)

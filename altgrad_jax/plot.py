@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from altgrad_jax.tracking import METRICS_FILE, read_jsonl
+from altgrad_jax.loop.local_tracker import METRICS_FILE, read_jsonl
 
 GRAD_NORM_PREFIX = "grad_norm_l2/"
 

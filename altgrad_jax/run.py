@@ -12,7 +12,7 @@ import argparse
 import sys
 import warnings
 
-from .interrupts import StopAtOnce
+from altgrad_jax.loop.interrupts import StopAtOnce
 
 EXIT_BAD_INPUT = 2
 
@@ -40,11 +40,11 @@ def parse_args(argv):
 def prepare(args):
     """Everything that can fail on bad input, done before anything is written or compiled:
     config, data, mesh, and the starting state (fresh or restored)."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, apply_overrides, load_config
-    from .data import DataError, load_dataset
-    from .resume import find_resume_point, restore_or_init
-    from .sharding import make_mesh
+    from altgrad_jax.ckpt.errors import CheckpointError
+    from altgrad_jax.ckpt.resume import find_resume_point, restore_or_init
+    from altgrad_jax.config import ConfigError, apply_overrides, load_config
+    from altgrad_jax.data import DataError, load_dataset
+    from altgrad_jax.sharding import make_mesh
 
     try:
         config = apply_overrides(load_config(args.config), args.overrides)
@@ -63,7 +63,7 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 
 def main(argv=None) -> int:
-    # Outside the training loop (which stops at a step boundary, see interrupts.StopRequested)
+    # Outside the training loop (which stops at a step boundary, see loop/interrupts.py)
     # there is nothing to finish: Ctrl-C and SIGTERM end the process at once, without a traceback.
     with StopAtOnce():
         return _main(argv)
@@ -73,7 +73,7 @@ def _main(argv) -> int:
     warnings.formatwarning = _one_line_warning
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        from .sharding import maybe_initialize_distributed
+        from altgrad_jax.sharding import maybe_initialize_distributed
 
         try:
             maybe_initialize_distributed()
@@ -83,7 +83,7 @@ def _main(argv) -> int:
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from .trainer import train
+    from altgrad_jax.loop.trainer import train
 
     return train(config, dataset, mesh, state, start_step, metadata)
 

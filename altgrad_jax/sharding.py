@@ -4,29 +4,9 @@ train state replicated.
 Every sharding decision lives here, so that sharding params later means changing
 `state_shardings` alone. The jitted step needs no change: it follows the shardings of its inputs
 and XLA (GSPMD) inserts the all-reduces. Every reduction in the step is written over the global
-arrays (the loss mean, the gradient sums, `jnp.max` for amax, the quantization counts), so its
-metrics and amax histories are those of the global batch, not of one shard; tests/test_sharding.py
-checks this against a one-device run.
-
-Multi-host (one process per host, each seeing its local devices): set, on every process,
-    JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator service (e.g. "10.0.0.1:1234")
-    JAX_NUM_PROCESSES        the number of processes (e.g. 4)
-    JAX_PROCESS_ID           this process's id, 0 .. JAX_NUM_PROCESSES-1
-and `maybe_initialize_distributed()` calls `jax.distributed.initialize()` with them before
-anything touches a device (on CPU devices with gloo collectives over TCP, so that several
-processes on one machine, e.g. `XLA_FLAGS=--xla_force_host_platform_device_count=2` each, work
-too; tests/test_multihost.py runs the CLI that way). Without JAX_COORDINATOR_ADDRESS nothing is
-initialised (one process). On SLURM, Open MPI or Cloud TPU, set JAX_COORDINATOR_ADDRESS alone (or
-leave the other two unset) and JAX reads the process count and id from the cluster environment. Then:
-- the mesh spans every device of every process (`mesh.data_parallel` must be -1 or the global
-  device count); `batch_size` is the GLOBAL batch and must divide by the device count;
-- every process computes the same global host batch (batches are a pure function of seed and
-  step) and `put_batch` hands each device its own rows, so no data is exchanged;
-- only process 0 writes metrics, alerts and W&B (`jax.process_index() == 0`); metrics are
-  replicated scalars, readable on every process;
-- all processes call the checkpoint manager: process 0 writes the replicated state, all take
-  part in Orbax's barriers and read it back (the directory must be on a file system every host
-  sees).
+arrays, so its metrics and amax histories are those of the global batch, not of one shard
+(tests/test_sharding.py checks this against a one-device run). Several processes: see the
+README's "Many devices" section; `maybe_initialize_distributed` joins them.
 """
 
 from __future__ import annotations
@@ -39,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 DATA_AXIS = "data"
 
-# Variables read by `maybe_initialize_distributed` (see the module docstring).
+# Variables read by `maybe_initialize_distributed` (README, "Many devices").
 DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -61,9 +41,8 @@ def maybe_initialize_distributed() -> bool:
 
 def _select_cpu_collectives() -> None:
     """Gloo (TCP) for cross-process collectives on CPU devices, unless a choice was made already
-    (JAX_CPU_COLLECTIVES_IMPLEMENTATION, e.g. "mpi"). Without it, older jax versions default to
-    none and a multi-process CPU computation fails; jax 0.10 defaults to gloo. GPUs and TPUs use
-    their own collectives and ignore the option; jax versions without it are left alone."""
+    (JAX_CPU_COLLECTIVES_IMPLEMENTATION, e.g. "mpi"): without one, a multi-process CPU computation
+    can fail. GPUs and TPUs use their own collectives and ignore the option."""
     try:
         if jax.config.jax_cpu_collectives_implementation is None:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")

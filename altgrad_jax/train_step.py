@@ -68,10 +68,9 @@ def stored_update_metrics(opt_state) -> dict:
     return dict(found[0][1]) if found else {}
 
 
-def make_train_step(config, mesh=None):
+def make_train_step(config):
     """Jitted `step(state, batch) -> (state, metrics)`; `state` is donated. jit follows the
     shardings of its inputs (sharding.py), so every reduction is over the global batch."""
-    del mesh
     loss_fn = ModelLoss(config)
     plan, optimizer, schedule = loss_fn.plan, make_optimizer(config), make_schedule(config)
 
@@ -112,10 +111,9 @@ def make_train_step(config, mesh=None):
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(config, mesh=None):
+def make_eval_step(config):
     """Jitted `eval(state, batch) -> {"loss": ...}`: dropout off, quantized forward (nearest
     rounding) when any layer is quantized."""
-    del mesh
     loss_fn = ModelLoss(config)
 
     def evaluate(state: TrainState, batch):

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from altgrad_jax.checkpoint import CheckpointManager
+from altgrad_jax.ckpt import CheckpointManager
 from altgrad_jax.config import TrainConfig
 from altgrad_jax.train_state import init_train_state
 

@@ -1,4 +1,4 @@
-"""Full training loop (altgrad_jax.trainer.train) against the bare jitted step, per config and variant.
+"""Full training loop (altgrad_jax.loop.trainer.train) against the bare jitted step, per config and variant.
 
     python benchmarks/bench_train.py [--quick] [--steps N] [--rounds R] [--configs default,gpt2_small]
                                      [--variants fp32,fp8,fp8_shadow] [--breakdown]
@@ -49,11 +49,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from altgrad_jax import trainer  # noqa: E402
 from altgrad_jax.config import load_config  # noqa: E402
 from altgrad_jax.data import get_batch, load_dataset  # noqa: E402
+from altgrad_jax.loop import trainer  # noqa: E402
+from altgrad_jax.loop.tracker import Tracker  # noqa: E402
 from altgrad_jax.sharding import make_mesh, put_batch, put_state  # noqa: E402
-from altgrad_jax.tracking import Tracker  # noqa: E402
 from altgrad_jax.train_state import init_train_state  # noqa: E402
 from altgrad_jax.train_step import make_eval_step, make_train_step  # noqa: E402
 
@@ -141,8 +141,8 @@ def run_loop(config, dataset, mesh, compiled_step, compiled_eval, timers: HostTi
     state = put_state(init_train_state(config), mesh)
     jax.block_until_ready(state)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(patched(trainer, "make_train_step", lambda c, m: compiled_step))
-        stack.enter_context(patched(trainer, "make_eval_step", lambda c, m: compiled_eval))
+        stack.enter_context(patched(trainer, "make_train_step", lambda c: compiled_step))
+        stack.enter_context(patched(trainer, "make_eval_step", lambda c: compiled_eval))
         make_trackers = trainer.make_trackers
         stack.enter_context(patched(trainer, "make_trackers", lambda *a: make_trackers(*a) + [clock]))
         if timers is not None:
@@ -211,8 +211,8 @@ def bench_one(name, variant, args, dataset_cache):
         mesh = make_mesh(config.mesh, config.batch_size)
 
         compile_start = time.perf_counter()
-        step = make_train_step(config, mesh)
-        evaluate = make_eval_step(config, mesh)
+        step = make_train_step(config)
+        evaluate = make_eval_step(config)
         batch = put_batch(get_batch(dataset.train, seed=config.seed, step=0, batch_size=config.batch_size,
                                     block_size=config.block_size), mesh)
         bare_state = put_state(init_train_state(config), mesh)

@@ -14,8 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from altgrad_jax.checkpoint import CheckpointManager
-from altgrad_jax.interrupts import StopRequested
+from altgrad_jax.ckpt import CheckpointManager
+from altgrad_jax.loop.interrupts import StopRequested
 
 
 def small_state():

@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from altgrad_jax.checkpoint import CheckpointManager
+from altgrad_jax.ckpt import CheckpointManager
 from altgrad_jax.config import MeshConfig, TrainConfig
 from altgrad_jax.sharding import make_mesh, put_batch, put_state, with_shardings
 from altgrad_jax.train_state import abstract_train_state, init_train_state
@@ -57,7 +57,7 @@ def compare(prefix: str, checkpoint_dir: str) -> None:
     result = {}
     for data_parallel in (4, 1):
         mesh = make_mesh(MeshConfig(data_parallel=data_parallel), CONFIG.batch_size)
-        step = make_train_step(CONFIG, mesh)
+        step = make_train_step(CONFIG)
         state = put_state(init_train_state(CONFIG), mesh)
         history, checks = [], {}
         with CheckpointManager(checkpoint_dir) as manager:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from altgrad_jax.checkpoint import (
+from altgrad_jax.ckpt import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointManager,
@@ -305,6 +305,15 @@ def test_changed_shapes_or_dtypes_are_refused(tmp_path):
             manager.restore(2, wrong_dtype)
         with pytest.raises(CheckpointMismatchError, match="structure differs"):
             manager.restore(2, {"params": abstract_state().params})
+
+
+def test_a_checkpoint_from_before_the_three_slot_recipe_is_named_as_such(tmp_path):
+    """quant_state was one weight scale and amax history per layer; now x/w/dy histories."""
+    old = {"quant_state": {"h": {"0": {"c_fc": {"scale": jnp.float32(1.0), "amax_history": jnp.zeros((4,))}}}}}
+    new = {"quant_state": {"h": {"0": {"c_fc": {slot: {"amax_history": jnp.zeros((4,))} for slot in ("x", "w", "dy")}}}}}
+    save_checkpoint(tmp_path / "old", old)
+    with pytest.raises(CheckpointMismatchError, match="before the three-slot FP8 recipe"):
+        load_checkpoint(tmp_path / "old", jax.eval_shape(lambda: new))
 
 
 def test_bad_calls_give_clear_errors(tmp_path):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from altgrad_jax.checkpoint import CheckpointManager, CheckpointVersionWarning, load_checkpoint, load_checkpoint_metadata
+from altgrad_jax.ckpt import CheckpointManager, CheckpointVersionWarning, load_checkpoint, load_checkpoint_metadata
 from tests._legacy_state import legacy_state
 
 DATA = Path(__file__).resolve().parent / "data" / "checkpoint_v1"
@@ -62,3 +62,22 @@ def test_one_off_checkpoint_loads_with_and_without_target(fixture_copy):
                                   np.asarray(legacy_state(4).params["h"][0]["mlp"]["c_fc"]["kernel"]))
     assert plain["params"]["lm_head"]["kernel"].dtype == jax.numpy.bfloat16
     assert plain["quant_state"]["h/0/mlp/c_fc"]["codes"].dtype == jax.numpy.float8_e4m3fn
+
+
+def test_new_saves_write_the_same_names(tmp_path):
+    """The tensor names in the state file and what Orbax records per step are those of v1."""
+    import json
+
+    from altgrad_jax.ckpt.safetensors_handler import read
+
+    with CheckpointManager(tmp_path / "new", max_checkpoints=2) as manager:
+        manager.save(1, legacy_state(1), val_loss=2.0, metadata={"note": "v1"})
+    for step_dir in (tmp_path / "new" / "1", DATA / "run" / "1"):
+        assert sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")) == sorted(
+            p.relative_to(DATA / "run" / "1").as_posix() for p in (DATA / "run" / "1").rglob("*"))
+    new_meta, old_meta = (json.loads((d / "1" / "_CHECKPOINT_METADATA").read_text()) for d in (tmp_path / "new", DATA / "run"))
+    assert new_meta["item_handlers"] == old_meta["item_handlers"]
+    (_, new_tree), (_, old_tree) = (read(d / "1" / "state") for d in (tmp_path / "new", DATA / "run"))
+    assert new_tree == old_tree
+    new_saved, old_saved = (json.loads((d / "1" / "metadata" / "metadata").read_text()) for d in (tmp_path / "new", DATA / "run"))
+    assert new_saved["state_leaves"] == old_saved["state_leaves"] and new_saved["prng_keys"] == old_saved["prng_keys"]

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from altgrad_jax.tracking import read_jsonl
+from altgrad_jax.loop.local_tracker import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "default.yaml"
@@ -142,7 +142,7 @@ def test_only_process_zero_logs_every_step_once(runs):
 
 
 def test_checkpoints_of_both_runs_are_written_and_restorable(runs):
-    from altgrad_jax.checkpoint import CheckpointManager
+    from altgrad_jax.ckpt import CheckpointManager
     from altgrad_jax.config import load_config
     from altgrad_jax.sharding import with_shardings
     from altgrad_jax.train_state import abstract_train_state

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from altgrad_jax.plot import main
-from altgrad_jax.tracking import LocalTracker
+from altgrad_jax.loop.local_tracker import LocalTracker
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

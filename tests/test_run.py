@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from altgrad_jax import run
-from altgrad_jax.tracking import read_jsonl
+from altgrad_jax.loop.local_tracker import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -112,7 +112,7 @@ def test_nan_stops_with_anomaly_checkpoint_and_exit_3(tmp_path, env, text_file):
     assert next(a for a in alerts if a["level"] == "ERROR")["step"] == bad_steps[-1]
     anomaly_steps = [int(p.name) for p in (out_dir / "checkpoints" / "anomaly").iterdir() if p.name.isdigit()]
     assert anomaly_steps == bad_steps[:1], "the anomaly checkpoint is that of the first non-finite step"
-    from altgrad_jax.checkpoint import CheckpointManager
+    from altgrad_jax.ckpt import CheckpointManager
     from altgrad_jax.config import load_config
     from altgrad_jax.train_state import abstract_train_state
     with CheckpointManager(out_dir / "checkpoints") as manager:

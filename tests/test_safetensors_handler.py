@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from altgrad_jax.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
-from altgrad_jax.safetensors_handler import STATE_FILE, TREE_METADATA_KEY
+from altgrad_jax.ckpt import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
+from altgrad_jax.ckpt.safetensors_handler import STATE_FILE, TREE_METADATA_KEY
 
 
 def odd_state():

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from altgrad_jax.study import figures, report
-from altgrad_jax.tracking import LocalTracker
+from altgrad_jax.loop.local_tracker import LocalTracker
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = range(1, 101)

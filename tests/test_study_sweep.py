@@ -14,7 +14,7 @@ import pytest
 from altgrad_jax.config import save_config
 from altgrad_jax.study import launch, sweep
 from altgrad_jax.study.launch import Job
-from altgrad_jax.tracking import read_jsonl
+from altgrad_jax.loop.local_tracker import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = """

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 
 from altgrad_jax.config import TrainConfig as Config
-from altgrad_jax.tracking import (
-    AlertMonitor,
-    LocalTracker,
-    WandbTracker,
-    check_alerts,
-    has_wandb_credentials,
-    read_jsonl,
-    resolve_wandb_mode,
-)
+from altgrad_jax.loop.alerts import Action, AlertMonitor, check_alerts
+from altgrad_jax.loop.local_tracker import LocalTracker, read_jsonl
+from altgrad_jax.loop.wandb_tracker import WandbTracker, has_wandb_credentials, resolve_wandb_mode
 
 
 def test_train_config_works_with_the_real_wandb_offline(tmp_path, clean_wandb_env):
@@ -113,8 +107,8 @@ def test_nan_loss_saves_on_the_first_and_stops_after_patience(tmp_path):
     monitor = AlertMonitor(Config(nan_patience=3), [local, recorder], clock=FakeClock())
     losses = [2.0, math.nan, math.inf, 1.5, math.nan, -math.inf, math.nan, 1.0]
     actions = [monitor.check(step, {"loss": np.float32(loss)}) for step, loss in enumerate(losses)]
-    assert actions == ["continue", "save_checkpoint", "continue", "continue",
-                       "save_checkpoint", "continue", "stop", "continue"]
+    assert actions == [Action.CONTINUE, Action.SAVE_CHECKPOINT, Action.CONTINUE, Action.CONTINUE,
+                       Action.SAVE_CHECKPOINT, Action.CONTINUE, Action.STOP, Action.CONTINUE]
     assert [(s, lvl) for s, lvl, _ in recorder.alerts] == [(1, "WARN"), (6, "ERROR")]
     local.finish()
     recorded = read_jsonl(tmp_path / "alerts.jsonl")
@@ -123,14 +117,14 @@ def test_nan_loss_saves_on_the_first_and_stops_after_patience(tmp_path):
 
 def test_nan_patience_one_stops_at_once():
     monitor = AlertMonitor(Config(nan_patience=1), clock=FakeClock())
-    assert monitor.check(0, {"loss": math.nan}) == "stop"
+    assert monitor.check(0, {"loss": math.nan}) == Action.STOP
 
 
 def test_warn_alerts_are_rate_limited_per_title():
     clock, recorder = FakeClock(), RecordingTracker()
     monitor = AlertMonitor(Config(alert_wait_seconds=300.0), [recorder], clock=clock)
     high_both = {"loss": 1.0, "update/norm_ratio": 0.4, "overflow_rate": 0.5}
-    assert monitor.check(0, high_both) == "continue"
+    assert monitor.check(0, high_both) == Action.CONTINUE
     clock.now += 100
     monitor.check(1, high_both)
     monitor.check(2, {"loss": 1.0, "update/norm_ratio": 0.5, "overflow_rate": 0.01})  # not beyond
@@ -157,19 +151,19 @@ def test_bit_stall_never_alerts_without_narrow_master_weights():
 def test_error_alert_is_never_rate_limited():
     recorder = RecordingTracker()
     monitor = AlertMonitor(Config(nan_patience=1), [recorder], clock=FakeClock())
-    assert [monitor.check(s, {"loss": math.nan}) for s in range(3)] == ["stop"] * 3
+    assert [monitor.check(s, {"loss": math.nan}) for s in range(3)] == [Action.STOP] * 3
     assert [lvl for _, lvl, _ in recorder.alerts] == ["ERROR"] * 3
 
 
 def test_check_alerts_keeps_state_per_config(capsys):
     config = Config(nan_patience=2)
-    assert check_alerts(0, {"loss": math.nan}, config) == "save_checkpoint"
-    assert check_alerts(1, {"loss": math.nan}, config) == "stop"
+    assert check_alerts(0, {"loss": math.nan}, config) == Action.SAVE_CHECKPOINT
+    assert check_alerts(1, {"loss": math.nan}, config) == Action.STOP
     assert "[ERROR]" in capsys.readouterr().err
     # a new config object starts a new default monitor
-    assert check_alerts(0, {"loss": math.nan}, Config(nan_patience=2)) == "save_checkpoint"
+    assert check_alerts(0, {"loss": math.nan}, Config(nan_patience=2)) == Action.SAVE_CHECKPOINT
     own = AlertMonitor(config, clock=FakeClock())
-    assert check_alerts(5, {"loss": math.nan}, config, monitor=own) == "save_checkpoint"
+    assert check_alerts(5, {"loss": math.nan}, config, monitor=own) == Action.SAVE_CHECKPOINT
 
 
 # --- W&B mode --------------------------------------------------------------------------------
@@ -345,7 +339,7 @@ def test_dead_layer_alert_after_window_consecutive_fully_dead_steps():
     monitor = AlertMonitor(Config(dead_neuron_window=3), [recorder], clock=FakeClock())
     alive, dead = {"dead_neuron_frac/a/kernel": 0.2}, {"dead_neuron_frac/a/kernel": 1.0}
     for step, metrics in enumerate([dead, dead, alive, dead, dead], start=1):
-        assert monitor.check(step, metrics | {"dead_neuron_frac/mean": 1.0}) == "continue"
+        assert monitor.check(step, metrics | {"dead_neuron_frac/mean": 1.0}) == Action.CONTINUE
     assert recorder.alerts == []  # interrupted at step 3: never 3 in a row
     monitor.check(6, dead)
     assert recorder.alerts == [(6, "WARN", "Dead layer a/kernel")]

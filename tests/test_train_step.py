@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from altgrad_jax.checkpoint import load_checkpoint, save_checkpoint
+from altgrad_jax.ckpt import load_checkpoint, save_checkpoint
 
 from altgrad_jax.config import TrainConfig
 from altgrad_jax.train_state import TrainState, abstract_train_state, init_train_state

@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from altgrad_jax import trainer
-from altgrad_jax.checkpoint import CheckpointManager
+from altgrad_jax.ckpt import CheckpointManager
 from altgrad_jax.config import TrainConfig
 from altgrad_jax.data import get_batch, load_dataset
+from altgrad_jax.loop import trainer
+from altgrad_jax.loop.local_tracker import read_jsonl
 from altgrad_jax.sharding import make_mesh, put_batch, put_state
-from altgrad_jax.tracking import read_jsonl
 from altgrad_jax.train_state import abstract_train_state, init_train_state
 from altgrad_jax.train_step import make_train_step
 
@@ -50,7 +50,7 @@ def reference(tmp_path_factory, text_file):
     config = tiny_config(text_file, tmp_path_factory.mktemp("unused"))
     dataset = load_dataset(config.data, vocab_size=config.vocab_size, block_size=config.block_size)
     mesh = make_mesh(config.mesh, config.batch_size)
-    train_step = make_train_step(config, mesh)
+    train_step = make_train_step(config)
     state = put_state(init_train_state(config), mesh)
     for index in range(POISONED):
         state, _ = train_step(state, put_batch(batch(config, dataset, index), mesh))

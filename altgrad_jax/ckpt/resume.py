@@ -1,6 +1,6 @@
 """Where a run starts from: `--resume auto|never|PATH` resolved to a checkpoint, and the state
-restored from it (or a fresh one). Nothing here writes, except setting unreadable steps aside
-when a run continues in its own checkpoint directory."""
+restored from it (or a fresh one). Nothing here writes, except setting steps aside (step_dirs.py)
+when a run continues in its own checkpoint directory past unreadable or later steps."""
 
 from __future__ import annotations
 
@@ -13,25 +13,19 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
-from .checkpoint import (SUPERSEDED_SUFFIX, UNREADABLE_SUFFIX, CheckpointCorruptError, CheckpointError,
-                         CheckpointManager, set_aside_step_dir, unreadable_step_dirs)
-from .config import TrainConfig
-from .sharding import put_state, with_shardings
-from .train_state import abstract_train_state, init_train_state
+from altgrad_jax.ckpt.errors import CheckpointCorruptError, CheckpointError
+from altgrad_jax.ckpt.manager import CheckpointManager
+from altgrad_jax.ckpt.step_dirs import (SUPERSEDED_SUFFIX, UNREADABLE_SUFFIX, committed_steps, set_aside_step_dir,
+                                        unreadable_step_dirs)
+from altgrad_jax.config import TrainConfig
+from altgrad_jax.sharding import put_state, with_shardings
+from altgrad_jax.train_state import abstract_train_state, init_train_state
 
 
 @dataclasses.dataclass(frozen=True)
 class ResumePoint:
     directory: str  # the checkpoint manager's directory
     step: int | None  # None: the latest good step in `directory`
-
-
-def committed_steps(directory: str) -> list[int]:
-    """Finished checkpoint steps in `directory` (Orbax writes `<step>` dirs; unfinished ones carry a tmp suffix)."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory)
-                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def find_resume_point(mode: str, checkpoint_dir: str) -> ResumePoint | None:

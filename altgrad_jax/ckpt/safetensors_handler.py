@@ -1,22 +1,19 @@
 """An Orbax checkpoint handler that writes a state pytree as one `.safetensors` file.
 
-Orbax keeps doing everything around the arrays: the temporary step directory and its atomic
-rename, the asynchronous commit, retention, multi-process barriers. Only the array bytes go
-through safetensors instead of TensorStore: on the 6-layer n_embd-384 train state (125 MB, 285
-arrays) a TensorStore save took 0.3-0.5 s against 0.09 s for `numpy.save` of the same bytes, and
-safetensors writes them in 0.08 s (benchmarks/bench_checkpoint.py; issue #4 allows 2x).
+Orbax keeps everything around the arrays (temporary step directory and atomic rename, asynchronous
+commit, retention, multi-process barriers); only the array bytes go through safetensors instead
+of TensorStore, which was several times slower for a train state of many small arrays
+(benchmarks/README.md, "bench_checkpoint").
 
-The item directory holds `state.safetensors`: one tensor per leaf, named by its key path
-('opt_state.1.0.mu.wte.embedding'), and in the header's metadata the key path, dtype and PRNG
-key implementation of every leaf. Typed PRNG keys are stored as their key data; dtypes that NumPy
-cannot describe on its own (bfloat16 and the float8 types of ml_dtypes) as unsigned integers of
-the same width, viewed back on restore. Leaves must be whole on this process (one device, or
-replicated across processes as the data-parallel state is): process 0 writes the file, every
-process reads it.
+The item directory holds `state.safetensors`: one tensor per leaf, named by its key path joined
+with "." ('opt_state.1.0.mu.wte.embedding'), and in the header's metadata the key path parts,
+dtype and PRNG key implementation of every leaf. Typed PRNG keys are stored as their key data;
+dtypes NumPy cannot describe on its own (bfloat16, the float8 types) as unsigned integers of the
+same width, viewed back on restore. Leaves must be whole on this process (one device, or
+replicated across processes): process 0 writes the file, every process reads it.
 
-The blocking part of a save is one host view per leaf. On CPU that is the device buffer itself,
-no copy: JAX does not donate a buffer that a NumPy view still references, so the next train step
-writes fresh buffers while this one goes to disk. On an accelerator it is the device-to-host copy.
+The blocking part of a save is one host view per leaf: on CPU the device buffer itself (JAX does
+not donate a buffer a NumPy view still references), on an accelerator the device-to-host copy.
 """
 
 from __future__ import annotations
@@ -36,35 +33,19 @@ import safetensors.numpy
 from orbax.checkpoint import future as ocp_future
 
 from altgrad_jax.sharding import put_global
+from altgrad_jax.tree_names import join_parts, key_path_parts
 
 STATE_FILE = "state.safetensors"
 TREE_METADATA_KEY = "altgrad_jax.tree"  # in the safetensors header's string metadata
 FORMAT_VERSION = 1
 
 
-def _path_parts(key_path) -> list:
-    """Key path as JSON: ints for sequence positions, strings for attribute names and dict keys."""
-    parts = []
-    for entry in key_path:
-        if isinstance(entry, jax.tree_util.SequenceKey):
-            parts.append(entry.idx)
-        elif isinstance(entry, jax.tree_util.DictKey):
-            parts.append(str(entry.key))
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            parts.append(entry.name)
-        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
-            parts.append(entry.key)
-        else:
-            parts.append(str(entry))
-    return parts
-
-
 @functools.lru_cache(maxsize=16)
 def _paths_of(treedef) -> tuple[tuple[str, tuple], ...]:
     """(leaf name, key path parts) per leaf; names are Orbax-style: 'opt_state.1.0.mu.wte.embedding'."""
     placeholder = jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves))
-    paths = (tuple(_path_parts(key_path)) for key_path, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0])
-    return tuple((".".join(str(part) for part in parts), parts) for parts in paths)
+    paths = (tuple(key_path_parts(key_path)) for key_path, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0])
+    return tuple((join_parts(parts, "."), parts) for parts in paths)
 
 
 def named_leaves(tree) -> list[tuple[str, tuple, Any]]:
@@ -212,6 +193,12 @@ def _taken(state) -> Snapshot:
 class SafetensorsHandler(ocp.handlers.AsyncCheckpointHandler):
     """`async_save` takes the host views (unless given a `Snapshot`) and returns; the file is
     written in Orbax's commit thread."""
+
+    @classmethod
+    def typestr(cls) -> str:
+        """The name Orbax records for this item in every step's `_CHECKPOINT_METADATA`: the
+        module's path before it moved into ckpt/, so that new and old step directories agree."""
+        return "altgrad_jax.safetensors_handler.SafetensorsHandler"
 
     async def async_save(self, directory, args: SafetensorsSave):
         taken = _taken(args.state)

@@ -21,6 +21,7 @@ import jax
 
 from altgrad_jax.quant.rounding import NEAREST
 from altgrad_jax.quant.scaling import SLOTS
+from altgrad_jax.tree_names import join_parts
 
 UNQUANTIZED = "FP32"
 
@@ -106,4 +107,5 @@ def linear_layer_paths(params) -> list[tuple]:
 
 
 def path_name(path: tuple) -> str:
-    return "/".join(str(k) for k in path)
+    """A layer's name from its key path: `h/0/mlp/c_fc`, as metric names spell it."""
+    return join_parts(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from altgrad_jax.plot import PlotError, load_run
-from altgrad_jax.tracking import METRICS_FILE
+from altgrad_jax.loop.local_tracker import METRICS_FILE
 
 SEED_DIR = re.compile(r"seed(\d+)")
 MANIFEST, MARKER = "sweep.json", "sweep_done.json"

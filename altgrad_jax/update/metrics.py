@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from altgrad_jax.metrics import layer_name
+from altgrad_jax.tree_names import key_path_name
 from altgrad_jax.update.storage import storage_leaves, tensor_scale, ulp
 
 KERNEL = "kernel"
@@ -32,7 +32,7 @@ KERNEL = "kernel"
 
 def select_layers(params, layer_names=None) -> dict[str, int]:
     """{layer name: leaf index in flatten order} of the layers the metrics cover."""
-    paths = [layer_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [key_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if layer_names is None:
         chosen = {}
         for index, path in enumerate(paths):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from altgrad_jax.metrics import layer_name
+from altgrad_jax.tree_names import key_path_name
 from altgrad_jax.update._quant import FloatFormat
 
 BFLOAT16 = "bfloat16"
@@ -94,7 +94,7 @@ def leaf_random_bits(key: jax.Array, step, tree):
     step_key = jax.random.fold_in(key, step)
 
     def draw(path, leaf):
-        leaf_key = jax.random.fold_in(step_key, leaf_id(layer_name(path)))
+        leaf_key = jax.random.fold_in(step_key, leaf_id(key_path_name(path)))
         return jax.random.bits(leaf_key, jnp.shape(leaf), jnp.uint32)
 
     return jax.tree_util.tree_map_with_path(draw, tree)
