@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # starts processes: left out by `pytest -m "not e2e"`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -445,6 +445,7 @@ def wait_for_partial_write(directory: Path, process: subprocess.Popen, min_bytes
     raise AssertionError("the large save never showed a partial write")
 
 
+@pytest.mark.e2e
 def test_sigkill_during_a_large_save_leaves_previous_step_restorable(tmp_path):
     process = start_writer(tmp_path, megabytes=256)
     try:
@@ -467,6 +468,7 @@ def test_sigkill_during_a_large_save_leaves_previous_step_restorable(tmp_path):
     assert not list(tmp_path.glob("*.orbax-checkpoint-tmp*")), "leftovers were not cleaned up"
 
 
+@pytest.mark.e2e
 def test_sigterm_waits_for_the_save_in_flight_and_exits_non_zero(tmp_path):
     process = start_writer(tmp_path, megabytes=64)
     try:
@@ -482,6 +484,7 @@ def test_sigterm_waits_for_the_save_in_flight_and_exits_non_zero(tmp_path):
         np.testing.assert_array_equal(restored["w"][3], _ckpt_writer.large_state(64)["w"][3])
 
 
+@pytest.mark.e2e
 def test_a_second_signal_abandons_the_save_in_flight(tmp_path):
     process = start_writer(tmp_path, megabytes=512)
     try:

@@ -25,6 +25,8 @@ import pytest
 
 from altgrad_jax.loop.local_tracker import read_jsonl
 
+pytestmark = pytest.mark.e2e  # starts processes: left out by `pytest -m "not e2e"`
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "default.yaml"
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # as test_sharding

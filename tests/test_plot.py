@@ -72,6 +72,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     assert not (tmp_path / "out").exists() and not (good / "plots").exists()
 
 
+@pytest.mark.e2e
 def test_module_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "altgrad_jax.plot", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=60)

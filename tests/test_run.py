@@ -17,6 +17,8 @@ import pytest
 from altgrad_jax import run
 from altgrad_jax.loop.local_tracker import read_jsonl
 
+pytestmark = pytest.mark.e2e  # starts processes: left out by `pytest -m "not e2e"`
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=16", "batch_size=8", "eval_iters=2",

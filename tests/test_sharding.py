@@ -63,6 +63,7 @@ def runs(tmp_path_factory):
     return {"compare": load("compare"), "restore1": load("restore1"), "restore2": load("restore2")}
 
 
+@pytest.mark.e2e
 def test_four_device_run_is_really_data_parallel(runs):
     sharded, single = runs["compare"][0]["4"]["checks"], runs["compare"][0]["1"]["checks"]
     assert sharded == {"batch_devices": 4, "all_reduce_in_hlo": True, "state_replicated": True,
@@ -71,6 +72,7 @@ def test_four_device_run_is_really_data_parallel(runs):
                       "metrics_replicated": True, "state_devices": 1}
 
 
+@pytest.mark.e2e
 def test_first_step_metrics_are_those_of_the_global_batch(runs):
     sharded, single = runs["compare"][0]["4"]["metrics"][0], runs["compare"][0]["1"]["metrics"][0]
     assert sharded.keys() == single.keys()
@@ -86,6 +88,7 @@ def test_first_step_metrics_are_those_of_the_global_batch(runs):
             f"{name}: 4 devices {sharded[name]!r} vs 1 device {single[name]!r}")
 
 
+@pytest.mark.e2e
 def test_later_losses_agree(runs):
     sharded, single = runs["compare"][0]["4"]["metrics"], runs["compare"][0]["1"]["metrics"]
     assert len(sharded) == len(single) == 4
@@ -95,6 +98,7 @@ def test_later_losses_agree(runs):
     assert single[-1]["loss"] != single[0]["loss"]  # the steps did train
 
 
+@pytest.mark.e2e
 def test_checkpoint_saved_on_four_devices_restores_bitwise_on_one_and_two(runs):
     saved = runs["compare"][1]
     assert len(saved) > 20
@@ -107,6 +111,7 @@ def test_checkpoint_saved_on_four_devices_restores_bitwise_on_one_and_two(runs):
             np.testing.assert_array_equal(restored[name], value, err_msg=f"{name} on {n_devices} devices")
 
 
+@pytest.mark.e2e
 def test_batch_that_does_not_split_over_the_devices_is_refused(runs):
     mesh_error, put_error = runs["compare"][0]["errors"]
     for message in (mesh_error, put_error):

@@ -124,6 +124,7 @@ def fake_children(monkeypatch, exits):
     monkeypatch.setattr(sweep, "_job", job)
 
 
+@pytest.mark.e2e
 def test_a_diverged_run_is_a_result_and_a_failed_one_is_rerun(tmp_path, study_config, capsys, monkeypatch):
     argv = ["--config", str(study_config), "--formats", "E4M3,E7M0,FP32", "--out", str(tmp_path / "out")]
     fake_children(monkeypatch, {"E4M3": 0, "E7M0": 3, "FP32": 1})
@@ -146,6 +147,7 @@ def test_a_diverged_run_is_a_result_and_a_failed_one_is_rerun(tmp_path, study_co
     assert "start [1/1] FP32/seed0" in out and "done: 1 finished, 0 diverged, 0 failed" in out
 
 
+@pytest.mark.e2e
 def test_one_child_per_gpu_through_cuda_visible_devices(tmp_path):
     assert launch.detect_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
     assert launch.detect_gpus({"CUDA_VISIBLE_DEVICES": "1,-1,3"}) == ["1"]
@@ -190,6 +192,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
 
 
+@pytest.mark.e2e
 def test_ctrl_c_then_the_same_command_ends_as_an_uninterrupted_sweep(tmp_path, study_config, env):
     # Ctrl-C comes during the second arm (hybrid): the first (FP32) ran through once and must be
     # left as it is; hybrid must end as in a sweep that was never stopped.
