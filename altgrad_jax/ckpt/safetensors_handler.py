@@ -186,13 +186,9 @@ def restore_tree(directory, target=None):
     return jax.tree.unflatten(jax.tree.structure(target), placed)
 
 
-def _taken(state) -> Snapshot:
-    return state if isinstance(state, Snapshot) else snapshot(state)
-
-
 class SafetensorsHandler(ocp.handlers.AsyncCheckpointHandler):
-    """`async_save` takes the host views (unless given a `Snapshot`) and returns; the file is
-    written in Orbax's commit thread."""
+    """Saves a `Snapshot` (the host views, taken by the caller before the state can be donated):
+    `async_save` returns at once and the file is written in Orbax's commit thread."""
 
     @classmethod
     def typestr(cls) -> str:
@@ -201,19 +197,17 @@ class SafetensorsHandler(ocp.handlers.AsyncCheckpointHandler):
         return "altgrad_jax.safetensors_handler.SafetensorsHandler"
 
     async def async_save(self, directory, args: SafetensorsSave):
-        taken = _taken(args.state)
         if jax.process_index() != 0:
             return []
 
         async def commit():
-            write(directory, taken)
+            write(directory, args.snapshot)
 
         return [ocp_future.CommitFutureAwaitingContractedSignals(commit(), name="safetensors_save")]
 
     def save(self, directory, args: SafetensorsSave):
-        taken = _taken(args.state)
         if jax.process_index() == 0:
-            write(directory, taken)
+            write(directory, args.snapshot)
 
     def restore(self, directory, args: SafetensorsRestore | None = None):
         return restore_tree(directory, None if args is None else args.target)
@@ -222,7 +216,7 @@ class SafetensorsHandler(ocp.handlers.AsyncCheckpointHandler):
 @ocp.args.register_with_handler(SafetensorsHandler, for_save=True)
 @dataclasses.dataclass
 class SafetensorsSave(ocp.args.CheckpointArgs):
-    state: Any  # a pytree of arrays, or its `Snapshot`
+    snapshot: Snapshot  # `snapshot(state)`
 
 
 @ocp.args.register_with_handler(SafetensorsHandler, for_restore=True)
