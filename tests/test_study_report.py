@@ -1,6 +1,7 @@
 """The study report on synthetic sweeps with known curves: one arm diverges at a known step, one
 lags, one matches FP32. Every number in the tables and verdicts is fixed by construction."""
 
+import json
 import math
 
 import pytest
@@ -207,3 +208,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case)
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("report: error: "), err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_stalled_update_is_the_first_sign_of_a_lagging_master_weights_arm(tmp_path):
+    fp32_val = dict(zip(EVALS, (5.0, 4.0, 3.0, 2.6, 2.4, 2.2)))
+    write_run(tmp_path / "FP32" / "seed0", seed=0, val=fp32_val, use_fp8=False, cosine=1.0)
+    stalled = tmp_path / "E5M2-master" / "seed0"
+    write_run(stalled, seed=0, val=dict(zip(EVALS, (5.0, 4.8, 4.75, 4.73, 4.72, 4.72))))
+    records = [line for line in (stalled / "metrics.jsonl").read_text().splitlines()]
+    patched = []
+    for line in records:  # the pooled update norm ratio: 0.9 until step 11, then 0.04 (stalled)
+        record = json.loads(line)
+        if record["step"] >= 1:
+            record["update/norm_ratio"] = 0.04 if record["step"] >= 12 else 0.9
+        patched.append(json.dumps(record))
+    (stalled / "metrics.jsonl").write_text("\n".join(patched) + "\n")
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "E5M2-master: lags FP32 by +2.5200" in text
+    assert "first sign: applied/intended update norm 0.04 at step 12" in text

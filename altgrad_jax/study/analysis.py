@@ -12,8 +12,10 @@
   divergence, at which one of the run's own per-layer metrics crosses its threshold:
   `quant/underflow|overflow|rel_err/<role>/<layer>` above `underflow` / `overflow` (default:
   the run's `overflow_threshold`, else 0.01) / `rel_err`, or the cosine to the shadow
-  (`grad_cos_sim/global`, else `/mean`) below `cosine`. Ties at one step go to the largest
-  value / threshold (for the cosine, (1 - value) / (1 - threshold)), then the name.
+  (`grad_cos_sim/global`, else `/mean`) below `cosine`, or the applied / intended update norm
+  (`update/norm_ratio`, narrow master weights only) below `update_norm_ratio`. Ties at one step
+  go to the largest value / threshold (for the two ratios below a floor, (1 - value) /
+  (1 - threshold)), then the name.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Thresholds:
     cosine: float = 0.9  # cosine of the quantized to the FP32 shadow gradient
     divergence_factor: float = 2.0  # loss above this x the baseline's loss: diverged
     lag_tolerance: float = 0.02  # final val_loss above the baseline's by this fraction: lags
+    update_norm_ratio: float = 0.5  # ||applied update|| / ||intended||: the stall alert's floor
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class Stat:
 @dataclass(frozen=True)
 class Crossing:
     step: int
-    metric: str  # underflow, overflow, rel_err or cosine
+    metric: str  # underflow, overflow, rel_err, cosine or update
     role: str | None  # x, w, dy (None for the cosine)
     layer: str  # the layer, or the cosine's metric name
     value: float
@@ -150,8 +153,12 @@ def _parse(name: str) -> tuple[str, str, str] | None:
     return None
 
 
+FLOOR_METRICS = ("cosine", "update")  # crossed by falling below the threshold
+UPDATE_NAME = "update/norm_ratio"
+
+
 def _severity(metric: str, value: float, limit: float) -> float:
-    if metric == "cosine":
+    if metric in FLOOR_METRICS:
         return (1 - value) / max(1 - limit, 1e-12)
     return value / limit if limit > 0 else math.inf
 
@@ -172,12 +179,14 @@ def first_crossing(run: Run, thresholds: Thresholds, until: int | None) -> Cross
             limit = limits[metric]
         elif name == cosine:
             metric, role, layer, limit = "cosine", None, name, thresholds.cosine
+        elif name == UPDATE_NAME:
+            metric, role, layer, limit = "update", None, name, thresholds.update_norm_ratio
         else:
             continue
         for step, value in zip(steps, values):
             if until is not None and step > until:
                 break
-            if finite(value) and (value < limit if metric == "cosine" else value > limit):
+            if finite(value) and (value < limit if metric in FLOOR_METRICS else value > limit):
                 found.append((step, -_severity(metric, value, limit), name,
                               Crossing(step, metric, role, layer, value, limit)))
                 break

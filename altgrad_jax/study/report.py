@@ -74,6 +74,8 @@ def fmt_sign(item: Localised | None, several_seeds: bool, diverged: bool) -> str
     c = item.crossing
     if c.metric == "cosine":
         where = f"gradient cosine {c.value:.3g}"
+    elif c.metric == "update":
+        where = f"applied/intended update norm {c.value:.3g}"
     else:
         where = f"{c.role} {c.metric} {c.value:.3g} in {c.layer}"
     text = f"first sign: {where} at step {c.step}" + (f" (seed {item.seed})" if several_seeds else "")
@@ -151,7 +153,8 @@ def markdown(arms: dict[str, list[Run]], summaries: list[ArmSummary], baseline: 
              f"Diverged: loss not finite, or above {thresholds.divergence_factor:g}x the baseline's loss at the "
              f"same step; lags: final val_loss more than {thresholds.lag_tolerance:.0%} above the baseline's. "
              f"Thresholds of the first failure: underflow > {thresholds.underflow:g}, overflow > {overflow}, "
-             f"rel_err > {thresholds.rel_err:g}, cosine < {thresholds.cosine:g}. Values: mean ± std over seeds.",
+             f"rel_err > {thresholds.rel_err:g}, cosine < {thresholds.cosine:g}, "
+             f"update norm ratio < {thresholds.update_norm_ratio:g}. Values: mean ± std over seeds.",
              "", "## Verdicts", ""]
     lines += [f"- {verdict(s, base)}" for s in summaries]
     lines += ["", "## Summary", "", *summary_table(summaries, base)]
@@ -186,7 +189,7 @@ def parse_args(argv):
     defaults = Thresholds()
     for flag, field_name in (("--underflow", "underflow"), ("--overflow", "overflow"), ("--rel-err", "rel_err"),
                              ("--cosine", "cosine"), ("--divergence-factor", "divergence_factor"),
-                             ("--lag-tolerance", "lag_tolerance")):
+                             ("--lag-tolerance", "lag_tolerance"), ("--update-norm-ratio", "update_norm_ratio")):
         default = getattr(defaults, field_name)
         parser.add_argument(flag, dest=field_name, type=float, default=default,
                             help=f"default {default if default is not None else 'each run’s overflow_threshold'}")
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     from altgrad_jax.study import figures
 
     thresholds = Thresholds(args.underflow, args.overflow, args.rel_err, args.cosine, args.divergence_factor,
-                            args.lag_tolerance)
+                            args.lag_tolerance, args.update_norm_ratio)
     summaries = summarize(arms, baseline, thresholds)
     images = [] if args.no_figures else figures.write_figures(arms, summaries, baseline, out_dir)
     markdown_path = args.markdown or out_dir / REPORT_FILE
