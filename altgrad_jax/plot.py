@@ -1,7 +1,7 @@
 """Plot runs: `python -m altgrad_jax.plot RUN_DIR [RUN_DIR...] [--out DIR]`.
 
 Reads each run's `metrics.jsonl` and writes PNGs with the runs overlaid (one colour per run):
-loss (train solid, `val_loss` dashed with markers, `shadow_loss` dotted), `grad_cos_sim/mean`,
+loss (train solid, `val_loss` dashed with markers, `shadow_loss` dotted), `grad_cos_sim/global` (with /mean, /min),
 `bit_stall_rate`, `overflow_rate`/`underflow_rate`, and one panel per layer of `grad_norm_l2/*`.
 A figure is skipped when no run has its metrics. Default output: `RUN_DIR/plots` for one run,
 `./plots` for several. Bad input prints one line on stderr and exits 2 with nothing written;
@@ -98,7 +98,7 @@ def write_plots(runs: dict[str, dict], out_dir: Path) -> list[Path]:
                 {"loss": {"lw": 1}, "val_loss": {"ls": "--", "marker": "o", "ms": 3},
                  "shadow_loss": {"ls": ":", "lw": 1}}, "loss")
     line_figure("grad_cos_sim.png", "cosine of the gradient to the FP32 shadow gradient",
-                {"grad_cos_sim/mean": {"lw": 1}, "grad_cos_sim/min": {"ls": ":", "lw": 1}},
+                {"grad_cos_sim/global": {"lw": 1.5}, "grad_cos_sim/mean": {"lw": 1}, "grad_cos_sim/min": {"ls": ":", "lw": 1}},
                 "cosine similarity")
     line_figure("bit_stall_rate.png", "bit-stall rate (weights whose FP8 value did not change)",
                 {"bit_stall_rate": {"lw": 1}}, "fraction")

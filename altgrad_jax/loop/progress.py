@@ -7,7 +7,7 @@ import time
 
 from tqdm import tqdm
 
-SHOWN = (("loss", "loss", "{:.4f}"), ("val_loss", "val", "{:.4f}"), ("grad_cos_sim/mean", "cos", "{:.4f}"),
+SHOWN = (("loss", "loss", "{:.4f}"), ("val_loss", "val", "{:.4f}"), ("grad_cos_sim/global", "cos", "{:.4f}"),
          ("bit_stall_rate", "stall", "{:.3f}"), ("overflow_rate", "ovf", "{:.2e}"))
 
 
