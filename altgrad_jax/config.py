@@ -1,8 +1,11 @@
 """Training configuration: frozen dataclasses, loaded from YAML and validated on every change.
 
-Validation lives in `__post_init__`, so every way of building a config (constructor, YAML file,
-`key=value` overrides, `replace`) goes through the same checks. A bad value raises `ConfigError`
-with one line that names the field (or the file) and the problem.
+Each field is declared once, `name: type = setting(default, doc, rule)`: the doc says what it
+means, the rule how a value is read (type, canonical form) and the range or choices it must lie
+in. The checks that tie fields together are in `_check_across_fields`. Validation lives in
+`__post_init__`, so every way of building a config (constructor, YAML file, `key=value`
+overrides, `replace`) goes through the same checks. A bad value raises `ConfigError` with one
+line that names the field (or the file) and the problem.
 """
 
 from __future__ import annotations
@@ -34,256 +37,8 @@ UPDATE_RULES = ("adamw", "ulp", "preconditioned")
 WHATIF_DEFAULT = (*FORMATS, "bfloat16")
 
 
-@dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh for data parallelism."""
-
-    # Devices along the data axis: -1 = all devices; otherwise a positive count that must divide
-    # the device count (checked at run time, since the config does not know the machine).
-    data_parallel: int = -1
-
-    def __post_init__(self):
-        _coerce_fields(self, prefix="mesh.")
-        if self.data_parallel != -1 and self.data_parallel < 1:
-            raise ConfigError(
-                f"mesh.data_parallel: must be -1 (all devices) or >= 1, got {self.data_parallel!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything a run needs; see configs/default.yaml for a documented example."""
-
-    # --- model (nanoGPT) ---
-    n_layer: int = 6  # transformer blocks
-    n_head: int = 6  # attention heads per block; must divide n_embd
-    n_embd: int = 384  # residual stream width
-    block_size: int = 256  # context length in tokens
-    vocab_size: int = 256  # token ids are in [0, vocab_size)
-    dropout: float = 0.0  # dropout probability in [0, 1)
-
-    # --- training ---
-    batch_size: int = 64  # sequences per step (global, across data-parallel devices)
-    learning_rate: float = 3e-4  # peak learning rate after warm-up
-    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio, in [0, 1]
-    max_steps: int = 5000  # optimizer steps in the run
-    warmup_steps: int = 100  # linear warm-up steps, 0 <= warmup_steps <= max_steps
-    grad_clip: float = 1.0  # global-norm gradient clipping; 0 disables it
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, >= 0
-    beta1: float = 0.9  # AdamW first-moment decay, in [0, 1)
-    beta2: float = 0.95  # AdamW second-moment decay, in [0, 1)
-
-    # --- quantization (simulated 8-bit floats) ---
-    use_fp8: bool = False  # quantize the linear layers; False = plain float32 training
-    fp8_format: str = "E5M2"  # default format name (a key of altgrad_jax.quant.FORMATS)
-    fp8_forward_format: str | None = None  # x and w slots (activations, weights); None -> fp8_format
-    fp8_backward_format: str | None = None  # dy slot (gradient at a layer's output); None -> fp8_format
-    # Per slot scaling: delayed (amax history of earlier steps), current (the tensor's own amax)
-    # or none (scale 1); one value for x, w and dy, or a mapping {x: .., w: .., dy: ..}.
-    fp8_scaling: str | dict[str, str] = "delayed"
-    # Per slot rounding: nearest (ties to even) or stochastic; one value or a slot mapping.
-    fp8_rounding: str | dict[str, str] = "nearest"
-    # Ordered layer rules, first match wins: {match: glob on the layer name, then any of format
-    # (all slots), forward (x, w), backward (dy), x, w, dy (a format or FP32), scaling, rounding
-    # (one value or a slot mapping)}, e.g. [{match: lm_head, format: FP32}].
-    fp8_layer_rules: tuple[dict, ...] = ()
-    # Older shorthand: fnmatch pattern -> format or "FP32" for all three slots; consulted when no
-    # fp8_layer_rules entry matches.
-    fp8_layer_formats: dict[str, str] = field(default_factory=dict)
-    quantize_activations: bool = True  # false: the x slot stays float32 in every layer
-    quantize_gradients: bool = True  # false: the dy slot stays float32 in every layer
-    use_shadow: bool = False  # also compute float32 gradients each step and compare them
-    amax_history_len: int = 16  # steps of |x| maxima kept for delayed scaling, >= 1
-    fp8_amax_margin: float = 1.05  # scale uses margin * max(history); >= 1 leaves headroom
-    fp8_hardware_gemm: bool = False  # real float8 dot (Hopper GPUs) instead of simulation
-    # What-if shadowing: every this many steps (0 = off) each quantized operand is also rounded
-    # to every candidate below, logged as whatif/<candidate>/<role>/{underflow,overflow,rel_err}/<layer>
-    whatif_interval: int = 0
-    whatif_formats: tuple[str, ...] = WHATIF_DEFAULT  # FORMATS names and/or bfloat16
-
-    # --- the weight update (where low-precision storage loses updates) ---
-    # How the params are stored between steps: float32, bfloat16, or a format name (values on its
-    # grid at a power-of-two per-tensor scale, kept as that format's codes); no float32 copy.
-    master_weights: str = "float32"
-    update_rounding: str = "nearest"  # rounding of the updated weight to master_weights: or stochastic
-    kahan: bool = False  # carry what that rounding dropped into the next update (float32 buffer)
-    opt_state_dtype: str = "float32"  # Adam moments between steps: float32, bfloat16 or a format name
-    # adamw; ulp (learning_rate counts ULPs of the stored weight per step); preconditioned (the
-    # earlier bench's AdamW on gradients times the weight's ULP)
-    update_rule: str = "adamw"
-
-    # --- checkpointing ---
-    checkpoint_interval: int = 100  # save every this many steps
-    checkpoint_dir: str | None = None  # None -> <out_dir>/checkpoints
-    max_checkpoints: int = 3  # most recent checkpoints kept
-
-    # --- stability monitoring ---
-    nan_patience: int = 10  # consecutive non-finite losses before the run stops, >= 1
-    bit_stall_threshold: float = 0.5  # alert when update/norm_ratio < 1 - this (narrow master_weights)
-    overflow_threshold: float = 0.01  # alert when this fraction of values saturates
-    dead_neuron_threshold: float = 1e-8  # |gradient| below this counts as dead, >= 0
-    dead_neuron_window: int = 100  # steps a dead fraction must persist before alerting
-    alert_wait_seconds: float = 300.0  # minimum seconds between repeats of one alert
-
-    # --- logging and evaluation ---
-    log_interval: int = 1  # log metrics every this many steps
-    eval_interval: int = 100  # evaluate on the validation split every this many steps
-    eval_iters: int = 10  # validation batches per evaluation
-
-    # --- Weights & Biases ---
-    project: str = "altgrad"  # W&B project name; "" switches W&B off
-    run_name: str | None = None  # W&B run name; None lets W&B choose
-    tags: tuple[str, ...] = ()  # W&B tags (a YAML list of strings)
-    wandb_mode: str | None = None  # None = auto (online with an API key, else offline), or
-    #                                "online", "offline", "disabled"
-
-    # --- run ---
-    data: str = "pystdlib"  # dataset spec passed to altgrad_jax.data.load_dataset
-    out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints
-    seed: int = 42  # root PRNG seed, in [0, 2**32)
-
-    # --- devices ---
-    mesh: MeshConfig = field(default_factory=MeshConfig)  # see MeshConfig
-
-    def __post_init__(self):
-        _coerce_fields(self, prefix="")
-        _check_ranges(self)
-
-    @property
-    def checkpoint_path(self) -> str:
-        """The checkpoint directory: checkpoint_dir, or <out_dir>/checkpoints."""
-        if self.checkpoint_dir is not None:
-            return self.checkpoint_dir
-        return os.path.join(self.out_dir, "checkpoints")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of builtins (lists, dicts, scalars) that YAML can dump."""
-        result = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, MeshConfig):
-                value = dataclasses.asdict(value)
-            elif isinstance(value, tuple):
-                value = [dict(item) if isinstance(item, dict) else item for item in value]
-            elif isinstance(value, dict):
-                value = dict(value)
-            result[f.name] = value
-        return result
-
-    def replace(self, **changes) -> TrainConfig:
-        """A copy with some fields changed, validated like a loaded config."""
-        _check_keys(changes, _field_names(TrainConfig), prefix="")
-        return dataclasses.replace(self, **changes)
-
-
 # ---------------------------------------------------------------------------------------------
-# Loading, saving and overrides
-
-
-def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """Build a validated TrainConfig from a mapping such as a parsed YAML file."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config must be a mapping of keys to values, got {type(data).__name__}")
-    _check_keys(data, _field_names(TrainConfig), prefix="")
-    return TrainConfig(**data)
-
-
-def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read and validate a YAML config file; errors name the file and the field."""
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read config file ({_one_line(error)})") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = error.problem or error.context or "invalid YAML"
-        raise ConfigError(f"{path}: YAML error at {where}{_one_line(problem)}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: YAML error: {_one_line(error)}") from None
-    if data is None:
-        raise ConfigError(f"{path}: config file is empty")
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: top level must be a mapping of config keys, got {type(data).__name__}")
-    try:
-        return config_from_dict(data)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-
-
-def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    """Write `config` as YAML such that load_config(path) == config."""
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"save_config expects a TrainConfig, got {type(config).__name__}")
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write("# altgrad_jax TrainConfig\n" + text)
-    os.replace(temporary, path)
-
-
-def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """Parse ["key=value", "mesh.data_parallel=2"] into a nested dict; values are YAML.
-
-    Nothing (or only blanks) after "=" is the empty string, as `key: ""` in a YAML file, not None
-    (YAML's reading of an empty value): `project=` switches W&B off. A field that must not be
-    empty then fails validation with its name (`run_name=`: "run_name: must not be empty");
-    `key=null` gives None.
-    """
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    sections = _section_names()
-    result: dict[str, Any] = {}
-    for item in overrides:
-        if not isinstance(item, str):
-            raise ConfigError(f"override {item!r}: expected a 'key=value' string")
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as error:
-            problem = getattr(error, "problem", None) or error
-            raise ConfigError(
-                f"override {key}: cannot parse value {text!r} as YAML ({_one_line(problem)})"
-            ) from None
-        section, dot, leaf = key.partition(".")
-        if not dot:
-            result[key] = value
-            continue
-        if not leaf or "." in leaf:
-            raise ConfigError(f"override {item!r}: expected key=value or section.key=value")
-        if section not in sections:
-            raise ConfigError(f"override {item!r}: {section!r} is not a config section"
-                              f"{_suggestion(section, sections)}")
-        if not isinstance(result.get(section, {}), dict):
-            result[section] = {}
-        result.setdefault(section, {})[leaf] = value
-    return result
-
-
-def apply_overrides(config: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
-    """`config` with `key=value` overrides applied (sections such as mesh are merged)."""
-    merged = config.to_dict()
-    for key, value in parse_overrides(overrides).items():
-        if key in _section_names() and isinstance(value, dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return config_from_dict(merged)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation helpers
+# Reading one value: each reader returns the canonical value or raises a one-line ConfigError
 
 
 def _one_line(text: object) -> str:
@@ -295,7 +50,7 @@ def _field_names(cls) -> tuple[str, ...]:
 
 
 def _section_names() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "MeshConfig")
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["rule"].section is not None)
 
 
 def _suggestion(name: str, valid: Iterable[str]) -> str:
@@ -364,10 +119,6 @@ def _as_any_str(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise _type_error(name, "a string (quote it in YAML)", value)
     return value
-
-
-def _optional(coerce: Callable[[str, object], Any]) -> Callable[[str, object], Any]:
-    return lambda name, value: None if value is None else coerce(name, value)
 
 
 def _format_names() -> tuple[str, ...]:
@@ -495,47 +246,39 @@ def _as_wandb_mode(name: str, value: object) -> str | None:
     return mode
 
 
-def _as_mesh(name: str, value: object) -> MeshConfig:
-    if isinstance(value, MeshConfig):
+def _as_section(name: str, value: object, cls):
+    if isinstance(value, cls):
         return value
     if not isinstance(value, Mapping):
-        raise _type_error(name, "a mapping (mesh section)", value)
-    _check_keys(value, _field_names(MeshConfig), prefix=f"{name}.")
-    return MeshConfig(**value)
+        raise _type_error(name, f"a mapping ({name} section)", value)
+    _check_keys(value, _field_names(cls), prefix=f"{name}.")
+    return cls(**value)
 
 
-_COERCE_BY_TYPE: dict[str, Callable[[str, object], Any]] = {
-    "int": _as_int,
-    "float": _as_float,
-    "bool": _as_bool,
-    "str": _as_str,
-    "str | None": _optional(_as_str),
-    "tuple[str, ...]": _as_str_tuple,
-    "dict[str, str]": _as_layer_formats,
-    "MeshConfig": _as_mesh,
-}
-_COERCE_BY_NAME: dict[str, Callable[[str, object], Any]] = {
-    "fp8_format": _as_format,
-    "fp8_forward_format": _optional(_as_format),
-    "fp8_backward_format": _optional(_as_format),
-    "fp8_scaling": lambda name, value: _as_slot_choice(name, value, SCALINGS),
-    "fp8_rounding": lambda name, value: _as_slot_choice(name, value, ROUNDINGS),
-    "fp8_layer_rules": lambda name, value: _as_layer_rules(name, value),
-    "master_weights": lambda name, value: _as_storage(name, value),
-    "opt_state_dtype": lambda name, value: _as_storage(name, value),
-    "update_rounding": lambda name, value: _as_choice(name, value, ROUNDINGS),
-    "update_rule": lambda name, value: _as_choice(name, value, UPDATE_RULES),
-    "whatif_formats": lambda name, value: _as_whatif_formats(name, value),
-    "wandb_mode": _as_wandb_mode,
-    "project": _as_any_str,  # "" switches W&B off
-}
+# ---------------------------------------------------------------------------------------------
+# Fields: each is declared once, with its default, its documentation and its rule
 
 
-def _coerce_fields(config: object, prefix: str) -> None:
-    for f in dataclasses.fields(config):
-        coerce = _COERCE_BY_NAME.get(f.name) or _COERCE_BY_TYPE[f.type]
-        value = coerce(prefix + f.name, getattr(config, f.name))
-        object.__setattr__(config, f.name, value)  # frozen: only here, before anyone sees it
+@dataclass(frozen=True)
+class Rule:
+    """How a field's value is read (type and canonical form; a wrong type raises ConfigError) and,
+    optionally, the range it must then lie in: a predicate and the words that describe it."""
+
+    read: Callable[[str, object], Any]
+    within: tuple[Callable[[Any], bool], str] | None = None
+    section: type | None = None  # a nested dataclass, read from a mapping (mesh)
+
+    def check_range(self, name: str, value: object) -> None:
+        if self.within is not None and value is not None and not self.within[0](value):
+            raise ConfigError(f"{name}: must be {self.within[1]}, got {value!r}")
+
+
+def setting(default, doc: str, rule: Rule):
+    """A config field: its default, what it means (`doc`) and how it is validated (`rule`)."""
+    metadata = {"doc": doc, "rule": rule}
+    if isinstance(default, dict):  # mutable: every config gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _interval(low=None, high=None, *, low_open=False, high_open=False):
@@ -552,39 +295,215 @@ def _interval(low=None, high=None, *, low_open=False, high_open=False):
     return contains, text
 
 
-_AT_LEAST_ONE = _interval(1)
-_NON_NEGATIVE = _interval(0)
-_FRACTION = _interval(0, 1)
-_RANGES = {
-    "n_layer": _AT_LEAST_ONE, "n_head": _AT_LEAST_ONE, "n_embd": _AT_LEAST_ONE,
-    "block_size": _AT_LEAST_ONE, "vocab_size": _AT_LEAST_ONE, "batch_size": _AT_LEAST_ONE,
-    "dropout": _interval(0, 1, high_open=True),
-    "learning_rate": _interval(0, low_open=True),
-    "min_lr_ratio": _FRACTION,
-    "max_steps": _AT_LEAST_ONE,
-    "warmup_steps": _NON_NEGATIVE,
-    "grad_clip": _NON_NEGATIVE,
-    "weight_decay": _NON_NEGATIVE,
-    "beta1": _interval(0, 1, high_open=True), "beta2": _interval(0, 1, high_open=True),
-    "amax_history_len": _AT_LEAST_ONE,
-    "fp8_amax_margin": _interval(1),
-    "checkpoint_interval": _AT_LEAST_ONE, "max_checkpoints": _AT_LEAST_ONE,
-    "nan_patience": _AT_LEAST_ONE,
-    "bit_stall_threshold": _FRACTION, "overflow_threshold": _FRACTION,
-    "dead_neuron_threshold": _NON_NEGATIVE,
-    "dead_neuron_window": _AT_LEAST_ONE,
-    "alert_wait_seconds": _NON_NEGATIVE,
-    "whatif_interval": _NON_NEGATIVE,
-    "log_interval": _AT_LEAST_ONE, "eval_interval": _AT_LEAST_ONE, "eval_iters": _AT_LEAST_ONE,
-    "seed": _interval(0, 2**32, high_open=True),
-}
+def integer(low=None, high=None, **open_ends) -> Rule:
+    """An int (whole floats and numeric strings accepted), optionally in [low, high]."""
+    return Rule(_as_int, None if low is None and high is None else _interval(low, high, **open_ends))
 
 
-def _check_ranges(config: TrainConfig) -> None:
-    for name, (contains, description) in _RANGES.items():
-        value = getattr(config, name)
-        if not contains(value):
-            raise ConfigError(f"{name}: must be {description}, got {value!r}")
+def number(low=None, high=None, **open_ends) -> Rule:
+    """A finite float (ints and numeric strings accepted), optionally in [low, high]."""
+    return Rule(_as_float, None if low is None and high is None else _interval(low, high, **open_ends))
+
+
+def one_of(choices: tuple[str, ...]) -> Rule:
+    """One of `choices`, any case."""
+    return Rule(lambda name, value: _as_choice(name, value, choices))
+
+
+def per_slot(choices: tuple[str, ...]) -> Rule:
+    """One of `choices` for every slot, or a mapping {x: .., w: .., dy: ..} (left out: the first)."""
+    return Rule(lambda name, value: _as_slot_choice(name, value, choices))
+
+
+def optional(rule: Rule) -> Rule:
+    """None, or a value of `rule`."""
+    return Rule(lambda name, value: None if value is None else rule.read(name, value), rule.within)
+
+
+def section(cls) -> Rule:
+    """A nested dataclass of fields, given as a mapping (`mesh: {data_parallel: 2}`)."""
+    return Rule(lambda name, value: _as_section(name, value, cls), section=cls)
+
+
+def _validate_fields(config, prefix: str) -> None:
+    """Reads every field with its rule (types first, so a wrong type anywhere is reported before a
+    value out of range), then checks the ranges; fields in declaration order."""
+    fields = dataclasses.fields(config)
+    for f in fields:
+        value = f.metadata["rule"].read(prefix + f.name, getattr(config, f.name))
+        object.__setattr__(config, f.name, value)  # frozen: only here, before anyone sees it
+    for f in fields:
+        f.metadata["rule"].check_range(prefix + f.name, getattr(config, f.name))
+
+
+FLAG = Rule(_as_bool)
+TEXT = Rule(_as_str)  # a non-blank string
+FORMAT = Rule(_as_format)
+STORAGE = Rule(_as_storage)
+AT_LEAST_ONE = integer(1)
+AT_LEAST_ZERO = integer(0)
+FRACTION = number(0, 1)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh for data parallelism."""
+
+    data_parallel: int = setting(
+        -1, "Devices along the data axis: -1 = all devices; otherwise a positive count that must divide "
+        "the device count (checked at run time, since the config does not know the machine).",
+        Rule(_as_int, (lambda value: value == -1 or value >= 1, "-1 (all devices) or >= 1")))
+
+    def __post_init__(self):
+        _validate_fields(self, prefix="mesh.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a run needs; see configs/default.yaml for a documented example. Each field's
+    `setting` gives its default, what it means and the values it accepts."""
+
+    # --- model (nanoGPT) ---
+    n_layer: int = setting(6, "transformer blocks", AT_LEAST_ONE)
+    n_head: int = setting(6, "attention heads per block; must divide n_embd", AT_LEAST_ONE)
+    n_embd: int = setting(384, "residual stream width", AT_LEAST_ONE)
+    block_size: int = setting(256, "context length in tokens", AT_LEAST_ONE)
+    vocab_size: int = setting(256, "token ids are in [0, vocab_size)", AT_LEAST_ONE)
+    dropout: float = setting(0.0, "dropout probability", number(0, 1, high_open=True))
+
+    # --- training ---
+    batch_size: int = setting(64, "sequences per step (global, across data-parallel devices)", AT_LEAST_ONE)
+    learning_rate: float = setting(3e-4, "peak learning rate after warm-up", number(0, low_open=True))
+    min_lr_ratio: float = setting(0.1, "cosine decay ends at learning_rate * min_lr_ratio", FRACTION)
+    max_steps: int = setting(5000, "optimizer steps in the run", AT_LEAST_ONE)
+    warmup_steps: int = setting(100, "linear warm-up steps; at most max_steps", AT_LEAST_ZERO)
+    grad_clip: float = setting(1.0, "global-norm gradient clipping; 0 disables it", number(0))
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay", number(0))
+    beta1: float = setting(0.9, "AdamW first-moment decay", number(0, 1, high_open=True))
+    beta2: float = setting(0.95, "AdamW second-moment decay", number(0, 1, high_open=True))
+
+    # --- quantization (simulated 8-bit floats) ---
+    use_fp8: bool = setting(False, "quantize the linear layers; False = plain float32 training", FLAG)
+    fp8_format: str = setting("E5M2", "default format name (a key of altgrad_jax.quant.FORMATS)", FORMAT)
+    fp8_forward_format: str | None = setting(
+        None, "x and w slots (activations, weights); None -> fp8_format", optional(FORMAT))
+    fp8_backward_format: str | None = setting(
+        None, "dy slot (gradient at a layer's output); None -> fp8_format", optional(FORMAT))
+    fp8_scaling: str | dict[str, str] = setting(
+        "delayed", "Per slot scaling: delayed (amax history of earlier steps), current (the tensor's "
+        "own amax) or none (scale 1); one value for x, w and dy, or a mapping {x: .., w: .., dy: ..}.",
+        per_slot(SCALINGS))
+    fp8_rounding: str | dict[str, str] = setting(
+        "nearest", "Per slot rounding: nearest (ties to even) or stochastic; one value or a slot mapping.",
+        per_slot(ROUNDINGS))
+    fp8_layer_rules: tuple[dict, ...] = setting(
+        (), "Ordered layer rules, first match wins: {match: glob on the layer name, then any of format "
+        "(all slots), forward (x, w), backward (dy), x, w, dy (a format or FP32), scaling, rounding "
+        "(one value or a slot mapping)}, e.g. [{match: lm_head, format: FP32}].",
+        Rule(_as_layer_rules))
+    fp8_layer_formats: dict[str, str] = setting(
+        {}, "Older shorthand: fnmatch pattern -> format or FP32 for all three slots; consulted when no "
+        "fp8_layer_rules entry matches.", Rule(_as_layer_formats))
+    quantize_activations: bool = setting(True, "false: the x slot stays float32 in every layer", FLAG)
+    quantize_gradients: bool = setting(True, "false: the dy slot stays float32 in every layer", FLAG)
+    use_shadow: bool = setting(False, "also compute float32 gradients each step and compare them", FLAG)
+    amax_history_len: int = setting(16, "steps of |x| maxima kept for delayed scaling", AT_LEAST_ONE)
+    fp8_amax_margin: float = setting(1.05, "scale uses margin * max(history); >= 1 leaves headroom", number(1))
+    fp8_hardware_gemm: bool = setting(False, "real float8 dot (Hopper GPUs) instead of simulation", FLAG)
+    whatif_interval: int = setting(
+        0, "What-if shadowing: every this many steps (0 = off) each quantized operand is also rounded "
+        "to every candidate of whatif_formats, logged as "
+        "whatif/<candidate>/<role>/{underflow,overflow,rel_err}/<layer>", AT_LEAST_ZERO)
+    whatif_formats: tuple[str, ...] = setting(
+        WHATIF_DEFAULT, "what-if candidates: FORMATS names and/or bfloat16", Rule(_as_whatif_formats))
+
+    # --- the weight update (where low-precision storage loses updates) ---
+    master_weights: str = setting(
+        "float32", "How the params are stored between steps: float32, bfloat16, or a format name (values "
+        "on its grid at a power-of-two per-tensor scale, kept as that format's codes); no float32 copy.",
+        STORAGE)
+    update_rounding: str = setting(
+        "nearest", "rounding of the updated weight to master_weights: nearest or stochastic", one_of(ROUNDINGS))
+    kahan: bool = setting(
+        False, "carry what that rounding dropped into the next update (float32 buffer)", FLAG)
+    opt_state_dtype: str = setting(
+        "float32", "Adam moments between steps: float32, bfloat16 or a format name", STORAGE)
+    update_rule: str = setting(
+        "adamw", "adamw; ulp (learning_rate counts ULPs of the stored weight per step); preconditioned "
+        "(the earlier bench's AdamW on gradients times the weight's ULP)", one_of(UPDATE_RULES))
+
+    # --- checkpointing ---
+    checkpoint_interval: int = setting(100, "save every this many steps", AT_LEAST_ONE)
+    checkpoint_dir: str | None = setting(None, "None -> <out_dir>/checkpoints", optional(TEXT))
+    max_checkpoints: int = setting(3, "most recent checkpoints kept", AT_LEAST_ONE)
+
+    # --- stability monitoring ---
+    nan_patience: int = setting(10, "consecutive non-finite losses before the run stops", AT_LEAST_ONE)
+    bit_stall_threshold: float = setting(
+        0.5, "alert when update/norm_ratio < 1 - this (narrow master_weights)", FRACTION)
+    overflow_threshold: float = setting(0.01, "alert when this fraction of values saturates", FRACTION)
+    dead_neuron_threshold: float = setting(1e-8, "|gradient| below this counts as dead", number(0))
+    dead_neuron_window: int = setting(100, "steps a dead fraction must persist before alerting", AT_LEAST_ONE)
+    alert_wait_seconds: float = setting(300.0, "minimum seconds between repeats of one alert", number(0))
+
+    # --- logging and evaluation ---
+    log_interval: int = setting(1, "log metrics every this many steps", AT_LEAST_ONE)
+    eval_interval: int = setting(100, "evaluate on the validation split every this many steps", AT_LEAST_ONE)
+    eval_iters: int = setting(10, "validation batches per evaluation", AT_LEAST_ONE)
+
+    # --- Weights & Biases ---
+    project: str = setting("altgrad", 'W&B project name; "" switches W&B off', Rule(_as_any_str))
+    run_name: str | None = setting(None, "W&B run name; None lets W&B choose", optional(TEXT))
+    tags: tuple[str, ...] = setting((), "W&B tags (a YAML list of strings)", Rule(_as_str_tuple))
+    wandb_mode: str | None = setting(
+        None, 'None = auto (online with an API key, else offline), or "online", "offline", "disabled"',
+        Rule(_as_wandb_mode))
+
+    # --- run ---
+    data: str = setting("pystdlib", "dataset spec passed to altgrad_jax.data.load_dataset", TEXT)
+    out_dir: str = setting("runs/default", "run directory: config, metrics, checkpoints", TEXT)
+    seed: int = setting(42, "root PRNG seed", integer(0, 2**32, high_open=True))
+
+    # --- devices ---
+    mesh: MeshConfig = setting(MeshConfig(), "see MeshConfig", section(MeshConfig))
+
+    def __post_init__(self):
+        _validate_fields(self, prefix="")
+        _check_across_fields(self)
+
+    @property
+    def checkpoint_path(self) -> str:
+        """The checkpoint directory: checkpoint_dir, or <out_dir>/checkpoints."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        return os.path.join(self.out_dir, "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins (lists, dicts, scalars) that YAML can dump."""
+        result = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, MeshConfig):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, tuple):
+                value = [dict(item) if isinstance(item, dict) else item for item in value]
+            elif isinstance(value, dict):
+                value = dict(value)
+            result[f.name] = value
+        return result
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some fields changed, validated like a loaded config."""
+        _check_keys(changes, _field_names(TrainConfig), prefix="")
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across fields
+
+
+def _check_across_fields(config: TrainConfig) -> None:
+    """The rules that tie two or more fields together."""
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd: must be divisible by n_head={config.n_head}, "
                           f"got {config.n_embd}")
@@ -594,6 +513,120 @@ def _check_ranges(config: TrainConfig) -> None:
     if config.warmup_steps > config.max_steps:
         raise ConfigError(f"warmup_steps: must be <= max_steps={config.max_steps}, "
                           f"got {config.warmup_steps}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, saving and overrides
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Build a validated TrainConfig from a mapping such as a parsed YAML file."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config must be a mapping of keys to values, got {type(data).__name__}")
+    _check_keys(data, _field_names(TrainConfig), prefix="")
+    return TrainConfig(**data)
+
+
+def read_config_mapping(path: str | os.PathLike) -> dict:
+    """The top-level mapping of a YAML config file, not yet validated as a config (a caller may take
+    its own sections out first). Duplicate keys are refused; errors are one line naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read config file ({_one_line(error)})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = error.problem or error.context or "invalid YAML"
+        raise ConfigError(f"{path}: YAML error at {where}{_one_line(problem)}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: YAML error: {_one_line(error)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: top level must be a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read and validate a YAML config file; errors name the file and the field."""
+    data = read_config_mapping(path)
+    try:
+        return config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{os.fspath(path)}: {error}") from None
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write `config` as YAML such that load_config(path) == config."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"save_config expects a TrainConfig, got {type(config).__name__}")
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write("# altgrad_jax TrainConfig\n" + text)
+    os.replace(temporary, path)
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Parse ["key=value", "mesh.data_parallel=2"] into a nested dict; values are YAML.
+
+    Nothing (or only blanks) after "=" is the empty string, as `key: ""` in a YAML file, not None
+    (YAML's reading of an empty value): `project=` switches W&B off. A field that must not be
+    empty then fails validation with its name (`run_name=`: "run_name: must not be empty");
+    `key=null` gives None.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    sections = _section_names()
+    result: dict[str, Any] = {}
+    for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {item!r}: expected a 'key=value' string")
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or error
+            raise ConfigError(
+                f"override {key}: cannot parse value {text!r} as YAML ({_one_line(problem)})"
+            ) from None
+        section, dot, leaf = key.partition(".")
+        if not dot:
+            result[key] = value
+            continue
+        if not leaf or "." in leaf:
+            raise ConfigError(f"override {item!r}: expected key=value or section.key=value")
+        if section not in sections:
+            raise ConfigError(f"override {item!r}: {section!r} is not a config section"
+                              f"{_suggestion(section, sections)}")
+        if not isinstance(result.get(section, {}), dict):
+            result[section] = {}
+        result.setdefault(section, {})[leaf] = value
+    return result
+
+
+def apply_overrides(config: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
+    """`config` with `key=value` overrides applied (sections such as mesh are merged)."""
+    merged = config.to_dict()
+    for key, value in parse_overrides(overrides).items():
+        if key in _section_names() and isinstance(value, dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return config_from_dict(merged)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -14,6 +14,7 @@ from altgrad_jax.config import (
     config_from_dict,
     load_config,
     parse_overrides,
+    read_config_mapping,
     save_config,
 )
 
@@ -214,7 +215,7 @@ def test_unknown_key_suggests_closest(data, key, suggestion):
         assert "did you mean" not in str(error.value)
 
 
-@pytest.mark.parametrize("text,words", [
+BAD_FILES = [
     ("", "empty"),
     ("# only a comment\n", "empty"),
     ("- n_layer\n- 2\n", "top level must be a mapping"),
@@ -222,13 +223,38 @@ def test_unknown_key_suggests_closest(data, key, suggestion):
     ("n_layer: 2\n  n_head: [\n", "YAML error at line"),
     ("n_layer: [1, 2\n", "YAML error at line"),
     ("n_layer: 2\nn_layer: 3\n", "duplicate key 'n_layer'"),
-    ("1: 2\n", "not a string"),
-])
+    ("mesh: {data_parallel: 1, data_parallel: 2}\n", "duplicate key 'data_parallel'"),
+]
+
+
+@pytest.mark.parametrize("text,words", [*BAD_FILES, ("1: 2\n", "not a string")])
 def test_bad_file(tmp_path, text, words):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert_one_line(error, str(path), words)
+
+
+@pytest.mark.parametrize("text,words", BAD_FILES)
+def test_read_config_mapping_refuses_what_load_config_refuses(tmp_path, text, words):
+    """The file errors belong to reading: load_config reports exactly what read_config_mapping does."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as read_error:
+        read_config_mapping(path)
+    assert_one_line(read_error, str(path), words)
+    with pytest.raises(ConfigError) as load_error:
+        load_config(path)
+    assert str(load_error.value) == str(read_error.value)
+
+
+def test_read_config_mapping_keeps_keys_a_caller_takes_out(tmp_path):
+    """Keys that are not config fields (a study file's `recipes`) come back unvalidated."""
+    path = write(tmp_path, "n_layer: 2\nrecipes: {hybrid: {fp8_forward_format: E4M3}}\nlearning_rate: 6e-4\n")
+    assert read_config_mapping(path) == {"n_layer": 2, "recipes": {"hybrid": {"fp8_forward_format": "E4M3"}},
+                                         "learning_rate": "6e-4"}
+    with pytest.raises(ConfigError) as error:
+        read_config_mapping(tmp_path / "nope.yaml")
+    assert_one_line(error, "nope.yaml: config file not found")
 
 
 def test_missing_file(tmp_path):
@@ -266,6 +292,21 @@ def test_tags_list_becomes_tuple():
     config = config_from_dict({"tags": ["x", "y"], "fp8_layer_formats": {"lm_head": "FP32"}})
     assert config.tags == ("x", "y")
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_every_field_is_declared_once_with_its_doc_and_rule():
+    """Each field's type, range or choices and documentation come from its `setting(...)`."""
+    for cls in (TrainConfig, MeshConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata["doc"].strip(), f"{cls.__name__}.{f.name} has no doc"
+            assert callable(f.metadata["rule"].read), f"{cls.__name__}.{f.name} has no rule"
+    assert TrainConfig().fp8_layer_formats is not TrainConfig().fp8_layer_formats  # mutable default copied
+
+
+def test_types_are_checked_before_ranges_across_fields():
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"n_layer": 0, "seed": "x"})
+    assert_one_line(error, "seed: expected an integer")
 
 
 def test_frozen():

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from altgrad_jax.config import UNQUANTIZED, ConfigError, TrainConfig, apply_overrides, config_from_dict
+from altgrad_jax.config import (UNQUANTIZED, ConfigError, TrainConfig, apply_overrides, config_from_dict,
+                                read_config_mapping)
 from altgrad_jax.quant.formats import FORMATS
 
 RECIPES_KEY = "recipes"
@@ -44,13 +43,9 @@ def load_study_config(path: str | Path) -> tuple[TrainConfig, dict[str, dict]]:
     mappings of config overrides; everything else must be a valid TrainConfig."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SweepError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise SweepError(f"{path}: cannot read config ({' '.join(str(error).split())})") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: top level must be a mapping of config keys")
+        data = read_config_mapping(path)
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
     recipes = data.pop(RECIPES_KEY, None) or {}
     if not isinstance(recipes, dict):
         raise SweepError(f"{path}: {RECIPES_KEY} must map recipe names to mappings of config keys")
