@@ -73,8 +73,14 @@ def test_default_config_end_to_end_with_wandb_offline(tmp_path, env):
     assert record["step"] == 40 and 0.5 < record["grad_cos_sim/mean"] <= 1.0 and "shadow_loss" in record
 
 
-def test_sigkill_then_same_command_reproduces_uninterrupted_losses(tmp_path, env, text_file):
-    steps = ["max_steps=400", "checkpoint_interval=20", "eval_interval=100", "use_fp8=true", "use_shadow=true"]
+@pytest.mark.parametrize("storage", [
+    (),
+    ("master_weights=E5M2", "update_rounding=stochastic", "opt_state_dtype=E4M3"),
+    ("master_weights=bfloat16", "kahan=true"),
+], ids=["float32", "e5m2-master-sr-fp8-moments", "bf16-master-kahan"])
+def test_sigkill_then_same_command_reproduces_uninterrupted_losses(tmp_path, env, text_file, storage):
+    steps = ["max_steps=400", "checkpoint_interval=20", "eval_interval=100", "use_fp8=true", "use_shadow=true",
+             *storage]
     reference = tmp_path / "reference"
     assert run_to_end(tiny(reference, text_file, *steps), env).returncode == 0
 
