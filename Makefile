@@ -10,8 +10,10 @@ CONFIG ?= configs/default.yaml
 run: $(VENV)/.stamp-run
 	$(BIN)/python -m altgrad_jax.run --config $(CONFIG)
 
+# One pytest worker per core: most of the suite's time is XLA compiling tiny programs, one
+# compile per core at a time.
 test: $(VENV)/.stamp-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: $(VENV)/.stamp-dev
 	bash benchmarks/run_all.sh

@@ -142,7 +142,9 @@ def test_small_and_large_magnitudes_match_numpy(scale):
     survive (at 1e-15 every std is below the 1e-10 floor, so every SNR is 0, as in NumPy)."""
     tree = {name: leaf * np.float32(scale) for name, leaf in large_leaf_tree(14).items()
             if name != "tiny"}  # its squares would be subnormal here
-    assert_metrics_close(jax.jit(compute_gradient_stats)(tree), numpy_stats(tree), rtol=1e-5, atol=0)
+    # rtol 2e-5: the order of the float32 sums, which XLA's code generation picks (the suite's
+    # unoptimised one differs from the default), moves the SNR of the ~1e12 leaf by up to 1.5e-5.
+    assert_metrics_close(jax.jit(compute_gradient_stats)(tree), numpy_stats(tree), rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0, 2.5])

@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 
 from altgrad_jax.loop.local_tracker import read_jsonl
+from tests._fast_compile import FAST_COMPILE
 
 pytestmark = pytest.mark.e2e  # starts processes: left out by `pytest -m "not e2e"`
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "default.yaml"
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # as test_sharding
 TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=16", "batch_size=8", "eval_iters=2", "warmup_steps=5",
         "learning_rate=3e-3", "log_interval=1", "wandb_mode=disabled", "use_fp8=true", "use_shadow=true",
         "checkpoint_interval=6", "eval_interval=6",
@@ -40,8 +40,9 @@ RUN_TIMEOUT_S = 150
 
 @pytest.fixture(scope="module")
 def base_env(tmp_path_factory):
+    # The suite's compilation cache is kept: each resumed run loads what its first run compiled.
     env = {name: value for name, value in os.environ.items()
-           if not name.startswith("JAX_") and name != "XLA_FLAGS"}
+           if (not name.startswith("JAX_") or "CACHE" in name) and name != "XLA_FLAGS"}
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true",
             "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
 

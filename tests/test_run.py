@@ -73,13 +73,13 @@ def test_default_config_end_to_end_with_wandb_offline(tmp_path, env):
     assert record["step"] == 40 and 0.5 < record["grad_cos_sim/mean"] <= 1.0 and "shadow_loss" in record
 
 
+# bfloat16 master weights + Kahan resume bitwise in test_update_training.py (in process).
 @pytest.mark.parametrize("storage", [
     (),
     ("master_weights=E5M2", "update_rounding=stochastic", "opt_state_dtype=E4M3"),
-    ("master_weights=bfloat16", "kahan=true"),
-], ids=["float32", "e5m2-master-sr-fp8-moments", "bf16-master-kahan"])
+], ids=["float32", "e5m2-master-sr-fp8-moments"])
 def test_sigkill_then_same_command_reproduces_uninterrupted_losses(tmp_path, env, text_file, storage):
-    steps = ["max_steps=400", "checkpoint_interval=20", "eval_interval=100", "use_fp8=true", "use_shadow=true",
+    steps = ["max_steps=120", "checkpoint_interval=20", "eval_interval=100", "use_fp8=true", "use_shadow=true",
              *storage]
     reference = tmp_path / "reference"
     assert run_to_end(tiny(reference, text_file, *steps), env).returncode == 0
@@ -94,12 +94,12 @@ def test_sigkill_then_same_command_reproduces_uninterrupted_losses(tmp_path, env
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     resumed_from = max(int(p.name) for p in (out_dir / "checkpoints").iterdir() if p.name.isdigit())
-    assert resumed_from < 400
+    assert resumed_from < 120
 
     result = run_to_end(args, env)
     assert result.returncode == 0, result.stderr[-3000:]
     expected, got = losses(reference), losses(out_dir)
-    assert sorted(got) == list(range(1, 401)), "every step logged exactly once"
+    assert sorted(got) == list(range(1, 121)), "every step logged exactly once"
     steps_after = [s for s in got if s > resumed_from]
     assert steps_after and all(got[s] == expected[s] for s in steps_after)
     steps_logged = [r["step"] for r in read_jsonl(out_dir / "metrics.jsonl")]

@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests._fast_compile import FAST_COMPILE
+
 from altgrad_jax.config import MeshConfig
 from altgrad_jax.sharding import check_batch_divisible, make_mesh, maybe_initialize_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_multidevice_worker.py"
-# Test-only: unoptimised CPU code generation compiles the step ~3x faster. Both runs being compared
-# use the same flags, so the comparison is unaffected.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 FIRST_STEP_RTOL, FIRST_STEP_ATOL, SNR_RTOL = 1e-5, 1e-6, 1e-4
 LATER_LOSS_RTOL = 1e-4

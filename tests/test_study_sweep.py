@@ -24,7 +24,7 @@ n_embd: 16
 block_size: 16
 batch_size: 4
 eval_iters: 1
-max_steps: 200
+max_steps: 100
 warmup_steps: 2
 learning_rate: 3.0e-3
 checkpoint_interval: 20
@@ -221,10 +221,10 @@ def test_ctrl_c_then_the_same_command_ends_as_an_uninterrupted_sweep(tmp_path, s
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "sweep: skip FP32/seed0 (finished)" in again.stdout
     resumed_from = int(again.stdout.split("hybrid/seed0 (resuming from step ")[1].split(")")[0])
-    assert 20 <= resumed_from < 200
+    assert 20 <= resumed_from < 100
     assert (out / "FP32" / "seed0" / "metrics.jsonl").read_bytes() == fp32_metrics
     expected, got = losses(reference / "hybrid" / "seed0"), losses(out / "hybrid" / "seed0")
-    assert sorted(got) == list(range(1, 201)) and got == expected
-    assert sorted(losses(out / "FP32" / "seed0")) == list(range(1, 201))
+    assert sorted(got) == list(range(1, 101)) and got == expected
+    assert sorted(losses(out / "FP32" / "seed0")) == list(range(1, 101))
     for arm in ("FP32", "hybrid"):
         assert json.loads((out / arm / "seed0" / sweep.MARKER).read_text())["status"] == "finished"

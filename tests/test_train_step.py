@@ -82,7 +82,7 @@ def _head_kernel_gradient(config, batch):
     state = init_train_state(config)
     loss_fn = ModelLoss(config)
     dropout_key, rounding_key = step_keys(state)
-    grads = jax.grad(loss_fn.quantized)(state.params, loss_fn.plan.zero_probes(), state.quant_state, batch,
+    grads = jax.jit(jax.grad(loss_fn.quantized))(state.params, loss_fn.plan.zero_probes(), state.quant_state, batch,
                                         dropout_key, rounding_key)
     return np.asarray(grads["lm_head"]["kernel"])
 
