@@ -6,6 +6,10 @@ optional pieces (W&B, matplotlib) are imported only when used.
 
 from importlib import import_module
 
+from altgrad_jax.xla_defaults import apply_default_xla_flags
+
+apply_default_xla_flags()
+
 _EXPORTS = {
     # config
     "TrainConfig": "config",
