@@ -15,9 +15,9 @@ def pytest_configure(config):
 
 
 def _compile_fast():
-    """Most of the suite's time is XLA:CPU compiling small programs; unoptimised code generation
-    cuts that by about a third (_fast_compile.py). Set before JAX starts, for this process and every subprocess a test starts.
-    test_golden.py pins the step's numbers under XLA's default flags, in a subprocess."""
+    """Most of the suite's time is XLA:CPU compiling small programs, which unoptimised code
+    generation speeds up (_fast_compile.py). Set before JAX starts, for this process and every
+    subprocess a test starts; test_golden.py pins the step under XLA's default flags too."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE}".strip()

@@ -46,3 +46,15 @@ def test_backward_matches_float64_numpy():
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dscale, (dy64 * xhat).sum((0, 1)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dbias, dy64.sum((0, 1)), rtol=1e-6, atol=1e-6)
+
+
+def test_backward_matches_autodiff_of_flax_layer_norm():
+    """An independent derivation: JAX's autodiff through nnx.LayerNorm's own ops."""
+    x, scale, bias, dy = _inputs(2)
+    reference = nnx.LayerNorm(24, epsilon=LAYER_NORM_EPS, rngs=nnx.Rngs(0))
+    graphdef, _ = nnx.split(reference)
+    flax_forward = lambda x, s, b: nnx.merge(graphdef, {"scale": s, "bias": b})(x)  # noqa: E731
+    ours = jax.jit(jax.vjp(layer_norm, x, scale, bias)[1])(dy)
+    theirs = jax.jit(jax.vjp(flax_forward, x, scale, bias)[1])(dy)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
