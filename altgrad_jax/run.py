@@ -88,5 +88,14 @@ def _main(argv) -> int:
     return train(config, dataset, mesh, state, start_step, metadata)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m altgrad_jax.run` and `altgrad-run`: first restart with huge pages for malloc
+    (hugepages.py; the same PID, not from main(), which tests call in process)."""
+    from altgrad_jax.hugepages import restart_with_hugepages
+
+    restart_with_hugepages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -133,4 +133,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from altgrad_jax.hugepages import restart_with_hugepages
+
+    restart_with_hugepages()  # as the command line runs: malloc's large blocks on huge pages
     main()

@@ -8,12 +8,19 @@ per-round ratios is printed as one JSON object. Without PyTorch it prints one li
 
     PYTHONPATH=. python benchmarks/bench_vs_torch.py                 # small and medium sizes
     PYTHONPATH=. python benchmarks/bench_vs_torch.py --sizes small --rounds 3
+    PYTHONPATH=. python benchmarks/bench_vs_torch.py --research   # also this project's research step
+
+`--research` also times the research step (E5M2 + FP32 shadow + every metric) in the same rounds
+and prints its ratio to PyTorch's plain step. The PyTorch research bench of issue 14 is not in this
+repository; it took 3.2-3.6x its own plain step, so research speed-up = 3.2..3.6 / that ratio.
 """
 
 import argparse
+import collections
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -23,6 +30,7 @@ SIZES = {  # the sizes of issue 14's measurements
     "medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=12),
 }
 VOCAB = 256
+PYTORCH_RESEARCH_OVER_PLAIN = (3.2, 3.6)  # the PyTorch bench's research step / its plain step (issue 14)
 
 
 def torch_step_factory(torch, sizes):
@@ -81,6 +89,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="steps per round and side")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--research", action="store_true", help="also time the research step")
     args = parser.parse_args()
     try:
         import torch
@@ -97,6 +106,7 @@ def main():
 
     from altgrad_jax.config import TrainConfig
     from altgrad_jax.train_state import init_train_state
+    from altgrad_jax.train_step import make_train_step
 
     results = {}
     for name in args.sizes.split(","):
@@ -108,6 +118,9 @@ def main():
         state = init_train_state(config)
         carry = (state.params, state.opt_state)
         jax_batch = (jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32))
+        if args.research:
+            research_config = config.replace(use_fp8=True, fp8_format="E5M2", use_shadow=True)
+            research_step, research_state = make_train_step(research_config), init_train_state(research_config)
         torch_step = torch_step_factory(torch, sizes)
         torch_batch = (torch.as_tensor(tokens[:, :-1]), torch.as_tensor(tokens[:, 1:]))
 
@@ -119,6 +132,14 @@ def main():
             jax.block_until_ready((carry, loss))
             return (time.perf_counter() - start) / n
 
+        def run_research(n):
+            nonlocal research_state
+            start = time.perf_counter()
+            for _ in range(n):
+                research_state, metrics = research_step(research_state, jax_batch)
+            jax.block_until_ready((research_state, metrics))
+            return (time.perf_counter() - start) / n
+
         def run_torch(n):
             start = time.perf_counter()
             for _ in range(n):
@@ -127,16 +148,35 @@ def main():
             return (time.perf_counter() - start) / n
 
         run_jax(2), run_torch(2)  # burn-in (compile, allocator warm-up)
-        jax_times, torch_times = [], []
+        if args.research:
+            run_research(2)
+        jax_times, torch_times, research_times = [], [], []
+        faults = collections.Counter()  # minor page faults per side, over the timed rounds
+
+        def timed(side, run, times):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            times.append(run(args.steps))
+            faults[side] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
         for _ in range(args.rounds):
-            jax_times.append(run_jax(args.steps))
-            torch_times.append(run_torch(args.steps))
+            timed("jax", run_jax, jax_times)
+            timed("torch", run_torch, torch_times)
+            if args.research:
+                timed("research", run_research, research_times)
         results[name] = {
             "sizes": sizes,
             "jax_ms_per_step": statistics.median(jax_times) * 1e3,
             "torch_ms_per_step": statistics.median(torch_times) * 1e3,
             "jax_over_torch_median_ratio": statistics.median(j / t for j, t in zip(jax_times, torch_times)),
+            "minor_page_faults_per_step": {side: n / (args.rounds * args.steps) for side, n in faults.items()},
         }
+        if args.research:
+            ratio = statistics.median(r / t for r, t in zip(research_times, torch_times))
+            results[name].update({
+                "research_ms_per_step": statistics.median(research_times) * 1e3,
+                "research_over_torch_plain_median_ratio": ratio,
+                "research_speedup_vs_pytorch_research": [k / ratio for k in PYTORCH_RESEARCH_OVER_PLAIN],
+            })
     print(json.dumps({"benchmark": "vs_torch", "backend": jax.default_backend(), "threads": args.threads,
                       "torch_version": torch.__version__, "jax_version": jax.__version__,
                       "rounds": args.rounds, "steps_per_round": args.steps, "results": results,
@@ -145,4 +185,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from altgrad_jax.hugepages import restart_with_hugepages
+
+    restart_with_hugepages()  # as the command line runs: malloc's large blocks on huge pages
     main()

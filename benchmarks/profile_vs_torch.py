@@ -7,7 +7,12 @@ optimizer, ...). PyTorch side: `torch.profiler`, each aten op by its name. Times
 summed over ops; ops that run at the same time on different threads both count, so a column can
 add up to more than the step's wall time (given on the last row, from a run without profiler).
 The row before it is the wall time no traced op covers: on XLA:CPU, matmuls that Eigen runs
-after their thunk has returned (with this package's default flags, most matmul time).
+after their thunk has returned (with this package's default flags, most matmul time). The JAX
+column sums single-threaded thunks, some of which run at the same time; PyTorch's ops each use
+every thread, so compare a row's share of its column rather than the two columns' milliseconds.
+Two more rows come from the same unprofiled run: minor page faults and kernel (system) CPU time
+per step, which no op's time shows and which page-faulting temp buffers make large
+(altgrad_jax/malloc_defaults.py).
 
     PYTHONPATH=. python benchmarks/profile_vs_torch.py --sizes small --out /tmp/profile
 
@@ -22,6 +27,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -86,6 +92,16 @@ def parse_hlo_frames(hlo: str) -> dict[str, list[tuple[str, str]]]:
     return instructions
 
 
+def timed_with_kernel_cost(run, steps, repeats=3):
+    """Median seconds per step over `repeats` calls of run(steps), and the minor page faults and
+    kernel CPU seconds per step over all of them (getrusage: the process, every thread)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    wall = statistics.median(run(steps) for _ in range(repeats))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    n = steps * repeats
+    return wall, (after.ru_minflt - before.ru_minflt) / n, (after.ru_stime - before.ru_stime) / n
+
+
 def jax_category(stack) -> int:
     if stack and any(part in stack[0][0] for part in JAX_OPTIMIZER_FILES):
         return 6
@@ -127,7 +143,7 @@ def profile_jax(sizes, steps, out: Path):
         return (time.perf_counter() - start) / n
 
     run(3)
-    wall = statistics.median(run(steps) for _ in range(3))
+    wall, faults, sys_s = timed_with_kernel_cost(run, steps)
     trace_dir = out / "jax_trace"
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         run(steps)
@@ -141,14 +157,14 @@ def profile_jax(sizes, steps, out: Path):
         totals[category] += event.get("dur", 0) / 1e3 / steps
         if category == 7:
             unknown[event["name"]] += event.get("dur", 0) / 1e3 / steps
-    return totals, wall * 1e3, unknown.most_common(8)
+    return totals, wall * 1e3, unknown.most_common(8), (faults, sys_s * 1e3)
 
 
 def profile_torch(sizes, steps, threads, out: Path):
     try:
         import torch
     except ImportError:
-        return None, None, []
+        return None, None, [], None
     torch.set_num_threads(threads)
     import numpy as np
 
@@ -164,7 +180,7 @@ def profile_torch(sizes, steps, threads, out: Path):
         return (time.perf_counter() - start) / n
 
     run(3)
-    wall = statistics.median(run(steps) for _ in range(3))
+    wall, faults, sys_s = timed_with_kernel_cost(run, steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         run(steps)
     profiler.export_chrome_trace(str(out / "torch_trace.json"))
@@ -175,7 +191,7 @@ def profile_torch(sizes, steps, threads, out: Path):
         totals[category] += ms
         if category == 7:
             unknown[entry.key] += ms
-    return totals, wall * 1e3, unknown.most_common(8)
+    return totals, wall * 1e3, unknown.most_common(8), (faults, sys_s * 1e3)
 
 
 def main():
@@ -189,11 +205,14 @@ def main():
     for name in args.sizes.split(","):
         out = Path(args.out) / name
         out.mkdir(parents=True, exist_ok=True)
-        jax_ms, jax_wall, jax_other = profile_jax(SIZES[name], args.steps, out)
-        torch_ms, torch_wall, torch_other = profile_torch(SIZES[name], args.steps, args.threads, out)
+        jax_ms, jax_wall, jax_other, jax_kernel = profile_jax(SIZES[name], args.steps, out)
+        torch_ms, torch_wall, torch_other, torch_kernel = profile_torch(SIZES[name], args.steps, args.threads, out)
         result[name] = {"jax_ms": dict(zip(CATEGORIES, jax_ms)), "jax_wall_ms": jax_wall,
                         "torch_ms": dict(zip(CATEGORIES, torch_ms)) if torch_ms else None,
-                        "torch_wall_ms": torch_wall, "jax_other_top": jax_other, "torch_other_top": torch_other}
+                        "torch_wall_ms": torch_wall, "jax_other_top": jax_other, "torch_other_top": torch_other,
+                        "jax_minor_faults_per_step": jax_kernel[0], "jax_kernel_ms_per_step": jax_kernel[1],
+                        "torch_minor_faults_per_step": torch_kernel[0] if torch_kernel else None,
+                        "torch_kernel_ms_per_step": torch_kernel[1] if torch_kernel else None}
         lines = [f"\n{name} ({SIZES[name]}), ms per step", "", "| op | JAX (XLA:CPU) | PyTorch | JAX / PyTorch |",
                  "|---|---|---|---|"]
         rows = list(zip(CATEGORIES, jax_ms, torch_ms or [float("nan")] * len(CATEGORIES)))
@@ -204,10 +223,17 @@ def main():
         rows.append(("step wall time (no profiler)", jax_wall, torch_wall or float("nan")))
         for label, j, t in rows:
             lines.append(f"| {label} | {j:.1f} | {t:.1f} | {j / t if t else float('nan'):.2f} |")
+        nan2 = (float("nan"), float("nan"))
+        for label, j, t in (("minor page faults per step", jax_kernel[0], (torch_kernel or nan2)[0]),
+                            ("kernel (sys) CPU ms per step", jax_kernel[1], (torch_kernel or nan2)[1])):
+            lines.append(f"| {label} | {j:.0f} | {t:.0f} | |")
         print("\n".join(lines), file=sys.stderr)
     print(json.dumps({"benchmark": "profile_vs_torch", "steps": args.steps, "threads": args.threads,
                       "results": result}))
 
 
 if __name__ == "__main__":
+    from altgrad_jax.hugepages import restart_with_hugepages
+
+    restart_with_hugepages()  # as the command line runs: malloc's large blocks on huge pages
     main()

@@ -264,4 +264,7 @@ def execute(args, runs: list[PlannedRun], slots: list[str | None], pace: str) ->
 
 
 if __name__ == "__main__":
+    from altgrad_jax.hugepages import restart_with_hugepages
+
+    restart_with_hugepages()  # the runs inherit it (hugepages.py)
     sys.exit(main())
