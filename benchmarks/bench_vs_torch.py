@@ -83,6 +83,30 @@ def torch_step_factory(torch, sizes):
     return step
 
 
+def jax_runner(step, carry, batch):
+    """run(n) -> seconds per step over n steps (bench_step.time_steps), the carry kept between calls."""
+    from bench_step import time_steps
+
+    def run(n):
+        nonlocal carry
+        carry, seconds = time_steps(step, carry, batch, n)
+        return seconds
+
+    return run
+
+
+def torch_runner(step, batch):
+    """run(n) -> seconds per step of the PyTorch step over n steps (the last loss read back)."""
+    def run(n):
+        start = time.perf_counter()
+        for _ in range(n):
+            loss = step(*batch)
+        loss.item()
+        return (time.perf_counter() - start) / n
+
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="small,medium", help="comma-separated: small, medium")
@@ -124,28 +148,11 @@ def main():
         torch_step = torch_step_factory(torch, sizes)
         torch_batch = (torch.as_tensor(tokens[:, :-1]), torch.as_tensor(tokens[:, 1:]))
 
-        def run_jax(n):
-            nonlocal carry
-            start = time.perf_counter()
-            for _ in range(n):
-                carry, loss = jax_step(carry, jax_batch)
-            jax.block_until_ready((carry, loss))
-            return (time.perf_counter() - start) / n
+        run_jax = jax_runner(jax_step, carry, jax_batch)
+        if args.research:
+            run_research = jax_runner(research_step, research_state, jax_batch)
 
-        def run_research(n):
-            nonlocal research_state
-            start = time.perf_counter()
-            for _ in range(n):
-                research_state, metrics = research_step(research_state, jax_batch)
-            jax.block_until_ready((research_state, metrics))
-            return (time.perf_counter() - start) / n
-
-        def run_torch(n):
-            start = time.perf_counter()
-            for _ in range(n):
-                loss = torch_step(*torch_batch)
-            loss.item()
-            return (time.perf_counter() - start) / n
+        run_torch = torch_runner(torch_step, torch_batch)
 
         run_jax(2), run_torch(2)  # burn-in (compile, allocator warm-up)
         if args.research:

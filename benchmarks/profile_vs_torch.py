@@ -30,11 +30,10 @@ import re
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_torch import SIZES, VOCAB, torch_step_factory  # noqa: E402
+from bench_vs_torch import SIZES, VOCAB, jax_runner, torch_runner, torch_step_factory  # noqa: E402
 
 CATEGORIES = ("matmul (linear layers)", "attention (QK^T, mask, softmax, PV)", "LayerNorm", "GELU",
               "embedding", "cross-entropy", "optimizer (clip + AdamW)", "residual adds, other")
@@ -134,14 +133,7 @@ def profile_jax(sizes, steps, out: Path):
     (out / "jax_step.optimized.hlo").write_text(hlo)
     stacks = parse_hlo_frames(hlo)
 
-    def run(n):
-        nonlocal carry
-        start = time.perf_counter()
-        for _ in range(n):
-            carry, loss = step(carry, batch)
-        jax.block_until_ready((carry, loss))
-        return (time.perf_counter() - start) / n
-
+    run = jax_runner(step, carry, batch)
     run(3)
     wall, faults, sys_s = timed_with_kernel_cost(run, steps)
     trace_dir = out / "jax_trace"
@@ -172,13 +164,7 @@ def profile_torch(sizes, steps, threads, out: Path):
     tokens = np.random.default_rng(0).integers(0, VOCAB, (sizes["batch_size"], sizes["block_size"] + 1))
     batch = (torch.as_tensor(tokens[:, :-1]), torch.as_tensor(tokens[:, 1:]))
 
-    def run(n):
-        start = time.perf_counter()
-        for _ in range(n):
-            loss = step(*batch)
-        loss.item()
-        return (time.perf_counter() - start) / n
-
+    run = torch_runner(step, batch)
     run(3)
     wall, faults, sys_s = timed_with_kernel_cost(run, steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
