@@ -5,9 +5,9 @@ XLA:CPU allocates each execution's temp buffer (148 MiB for the small model of
 benchmarks/bench_vs_torch.py, 299 MiB for its research step) with malloc and frees it when the
 step ends. glibc serves such a block with a fresh mmap and returns it with munmap, so every step
 faults the whole buffer in again, 4 KiB at a time: 38 000 minor faults and 0.08-0.15 s of kernel
-CPU time per small plain step on the 2-core machine, more than half of the step's wall time.
-With the tunable, glibc asks for transparent huge pages on those mappings (madvise), and the same
-buffer comes in 2 MiB at a time: about 500 faults per step.
+CPU time per small plain step (0.11-0.21 s of wall time) on the 2-core machine. With the
+tunable, glibc asks for transparent huge pages on those mappings (madvise), and the same buffer
+comes in mostly 2 MiB at a time: about 550 faults per step.
 
 glibc reads its tunables only when a process starts, so the entry points (`altgrad_jax.run`, the
 sweep, the benchmarks) call `restart_with_hugepages()` first thing: it re-executes the same
@@ -18,7 +18,7 @@ in GLIBC_TUNABLES is kept as the user set it; `ALTGRAD_HUGEPAGES=0` turns the re
 program that imports the package gets none of this: start it with the variable set instead.
 
 Tried instead and dropped: mallopt at import (one arena, no mmap, no trim) removed every fault
-but made compiles about 25 % slower and the default `make run` no faster (51-53 s against 47-52 s
+but made compiles about 25 % slower and the default `make run` no faster (51-53 s against 47-53 s
 without either); the tunable made it 39-45 s and left compile times as they were.
 """
 
