@@ -88,6 +88,44 @@ def _layer_norm(n_embd: int, rngs: nnx.Rngs) -> LayerNorm:
     return LayerNorm(n_embd, rngs=rngs)
 
 
+@jax.custom_vjp
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, weight_dropout: jax.Array) -> jax.Array:
+    """softmax(causal(q k^T)) * weight_dropout, times v; q, k, v `[batch, head, seq, head_dim]`,
+    q already scaled by 1/sqrt(head_dim), weight_dropout 1 or the `[batch, head, seq, seq]` mask
+    already divided by the keep rate. The backward is written out: the masked entries need no
+    select (their weights are 0) and no [seq, seq] tensor is broadcast or stored beyond the
+    probabilities. On XLA:CPU the whole plain step got about 5 % (small) and 9 % (medium) faster
+    than with autodiff's backward, in in-process A/B rounds against PyTorch (issue 14)."""
+    return _causal_attention_forward(q, k, v, weight_dropout)[0]
+
+
+def _causal_attention_forward(q, k, v, weight_dropout):
+    seq = q.shape[2]
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k)
+    scores = jnp.where(jnp.tril(jnp.ones((seq, seq), dtype=bool)), scores, -jnp.inf)
+    exp = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
+    out = jnp.einsum("bhts,bhsd->bhtd", probs * weight_dropout, v)
+    return out, (q, k, v, probs, weight_dropout)
+
+
+def _causal_attention_backward(residuals, d_out):
+    q, k, v, probs, weight_dropout = residuals
+    d_v = jnp.einsum("bhts,bhtd->bhsd", probs * weight_dropout, d_out)
+    # out = (probs * dropout) v; the softmax's Jacobian applied to d_probs. Its row term is summed
+    # over the [seq, seq] product as autodiff does, not as FlashAttention's rowsum(d_out * out):
+    # equal in exact arithmetic, but only this one is exactly 0 where the true gradient is (a row
+    # with a single unmasked entry), and dy's underflow count must not see rounding residue.
+    d_probs = jnp.einsum("bhtd,bhsd->bhts", d_out, v) * weight_dropout
+    d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+    d_q = jnp.einsum("bhts,bhsd->bhtd", d_scores, k)
+    d_k = jnp.einsum("bhts,bhtd->bhsd", d_scores, q)
+    return d_q, d_k, d_v, jnp.zeros_like(weight_dropout)
+
+
+causal_attention.defvjp(_causal_attention_forward, _causal_attention_backward)
+
+
 class QLinear(nnx.Module):
     """y = x @ kernel + bias, kernel `[in, out]`; quantized when `quant` holds this layer's name."""
 
@@ -119,15 +157,14 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x, *, dropout_key=None, quant: Mapping[str, LayerQuant] | None = None):
         batch, seq, n_embd = x.shape
         head_dim = n_embd // self.n_head
-        qkv = self.c_attn(x, quant)
-        q, k, v = jnp.split(qkv.reshape(batch, seq, 3, self.n_head, head_dim), 3, axis=2)
-        q, k, v = (t[:, :, 0] for t in (q, k, v))  # [batch, seq, head, head_dim]
-        scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(head_dim)
-        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = dropout(weights, self.dropout_rate, _site_key(dropout_key, 0))
-        y = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(batch, seq, n_embd)
+        qkv = self.c_attn(x, quant).reshape(batch, seq, 3, self.n_head, head_dim)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [batch, head, seq, head_dim]
+        weight_dropout = jnp.ones((), x.dtype)  # no dropout
+        if dropout_key is not None and self.dropout_rate > 0.0:
+            weight_dropout = dropout(jnp.ones((batch, self.n_head, seq, seq), x.dtype), self.dropout_rate,
+                                     _site_key(dropout_key, 0))
+        y = causal_attention(q / math.sqrt(head_dim), k, v, weight_dropout)
+        y = y.transpose(0, 2, 1, 3).reshape(batch, seq, n_embd)
         return dropout(self.c_proj(y, quant), self.dropout_rate, _site_key(dropout_key, 1))
 
 
