@@ -164,6 +164,33 @@ def test_quantization_counts_match_numpy(name, with_inf):
     assert [float(c) for c in counts] == [float(e) for e in expected]
 
 
+def largest_not_overflowing(fmt, scale):
+    """The largest float32 x with x * (1 / scale) <= max_finite in float32 arithmetic."""
+    inverse = np.float32(1) / np.float32(scale)
+    x = np.float32(fmt.max_finite / float(inverse))
+    while x * inverse > np.float32(fmt.max_finite):
+        x = np.nextafter(x, np.float32(0))
+    while np.nextafter(x, np.float32(np.inf)) * inverse <= np.float32(fmt.max_finite):
+        x = np.nextafter(x, np.float32(np.inf))
+    return x
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.173], ids=["unit", "scaled"])
+@pytest.mark.parametrize("name", ["E5M2", "E4M3", "E0M7", "E7M0"])
+def test_overflow_count_at_the_edge_of_the_range(name, scale):
+    # The overflow pass is skipped when max|x| shows nothing overflows: check both sides of
+    # the edge, with the largest magnitude negative or positive, one float32 apart.
+    fmt = FORMATS[name]
+    at_edge = largest_not_overflowing(fmt, scale)
+    above = np.nextafter(at_edge, np.float32(np.inf))
+    small = at_edge / np.float32(4)
+    for x, overflowing in (([at_edge, -at_edge, small], 0), ([-above, at_edge, small], 1), ([small, above, -above], 2)):
+        x = np.asarray(x, np.float32)
+        scale_arg = scale if scale == 1.0 else jnp.float32(scale)
+        counts = jax.jit(quantization_counts, static_argnums=1)(x, name, scale_arg)
+        assert float(counts[0]) == overflowing == numpy_counts(x, fmt, scale)[0]
+
+
 @pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
 def test_quantization_counts_with_nan_or_inf_recount_exactly(special):
     x = np.array([special, 1e9, -1e9, 1e-9, 0.0, 1.0, 448.0, 449.0], np.float32)
