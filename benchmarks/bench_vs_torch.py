@@ -13,6 +13,13 @@ per-round ratios is printed as one JSON object. Without PyTorch it prints one li
 `--research` also times the research step (E5M2 + FP32 shadow + every metric) in the same rounds
 and prints its ratio to PyTorch's plain step. The PyTorch research bench of issue 14 is not in this
 repository; it took 3.2-3.6x its own plain step, so research speed-up = 3.2..3.6 / that ratio.
+
+Each side's round starts with `--settle` untimed steps (default 1), timed apart as
+`first_step_ms`: a side waits idle while the others run their rounds, and a training loop runs
+its steps back to back. On a VM whose balloon driver hands freed memory back to the host (virtio
+free page reporting), the first step after a pause refaults XLA's per-step temp buffer from the
+host (benchmarks/README.md, "The first step after a pause"), which a back-to-back loop pays
+only after its own pauses (evaluation, checkpoints).
 """
 
 import argparse
@@ -111,7 +118,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="small,medium", help="comma-separated: small, medium")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=3, help="steps per round and side")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed steps at the start of each side's round (timed apart as first_step_ms)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--research", action="store_true", help="also time the research step")
     args = parser.parse_args()
@@ -158,9 +167,12 @@ def main():
         if args.research:
             run_research(2)
         jax_times, torch_times, research_times = [], [], []
-        faults = collections.Counter()  # minor page faults per side, over the timed rounds
+        faults = collections.Counter()  # minor page faults per side, over the timed steps
+        first_steps = collections.defaultdict(list)  # seconds per settle step, per side
 
         def timed(side, run, times):
+            if args.settle:
+                first_steps[side].append(run(args.settle))
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times.append(run(args.steps))
             faults[side] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -176,6 +188,7 @@ def main():
             "torch_ms_per_step": statistics.median(torch_times) * 1e3,
             "jax_over_torch_median_ratio": statistics.median(j / t for j, t in zip(jax_times, torch_times)),
             "minor_page_faults_per_step": {side: n / (args.rounds * args.steps) for side, n in faults.items()},
+            "first_step_ms": {side: statistics.median(t) * 1e3 for side, t in first_steps.items()},
         }
         if args.research:
             ratio = statistics.median(r / t for r, t in zip(research_times, torch_times))
@@ -186,7 +199,7 @@ def main():
             })
     print(json.dumps({"benchmark": "vs_torch", "backend": jax.default_backend(), "threads": args.threads,
                       "torch_version": torch.__version__, "jax_version": jax.__version__,
-                      "rounds": args.rounds, "steps_per_round": args.steps, "results": results,
+                      "rounds": args.rounds, "steps_per_round": args.steps, "settle_steps": args.settle, "results": results,
                       "target_ratio_max": 1.0}))
     assert math.isfinite(results[next(iter(results))]["jax_over_torch_median_ratio"])
 

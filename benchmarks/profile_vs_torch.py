@@ -12,7 +12,7 @@ column sums single-threaded thunks, some of which run at the same time; PyTorch'
 every thread, so compare a row's share of its column rather than the two columns' milliseconds.
 Two more rows come from the same unprofiled run: minor page faults and kernel (system) CPU time
 per step, which no op's time shows and which page-faulting temp buffers make large
-(altgrad_jax/malloc_defaults.py).
+(altgrad_jax/hugepages.py).
 
     PYTHONPATH=. python benchmarks/profile_vs_torch.py --sizes small --out /tmp/profile
 
