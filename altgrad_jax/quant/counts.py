@@ -45,12 +45,11 @@ def _counts_fast(x: jax.Array, inverse_scale, fmt: FloatFormat):
     recount. An inf keeps max|x| from being finite, so nonzero runs. A NaN that every pass skips
     (YNNPACK's max and min pass over NaN) changes no count: it is not zero, nor an overflow or
     underflow (tests/test_quantize.py checks each mix on a tensor that large)."""
-    (x_nonzero, _), (x_over, inv_over), (x_above, inv_above) = lax.optimization_barrier(
-        ((x, inverse_scale),) * 3
+    (x_nonzero, _), (x_over, inv_over), (x_above, inv_above), (x_min, _) = lax.optimization_barrier(
+        ((x, inverse_scale),) * 4
     )
-    magnitude = jnp.abs(x)
-    amax = jnp.max(magnitude)  # the amax tensor_stats and current scaling compute (XLA merges them)
-    amin = jnp.min(magnitude)
+    amax = jnp.max(jnp.abs(x))  # the amax tensor_stats and current scaling compute (XLA merges them)
+    amin = jnp.min(jnp.abs(x_min))  # its own copy: a shared |x| would be materialised
     size = np.float32(x.size)
     no_zero = jnp.isfinite(amax) & (amin > 0)
     nonzero = lax.cond(no_zero, lambda x: size, _count_nonzero, x_nonzero)
@@ -160,7 +159,10 @@ def tensor_stats(t: jax.Array, rounded: jax.Array, fmt, scale, stochastic: bool)
     amax = jnp.max(jnp.abs(t))
     usable = jnp.isfinite(amax) & (amax > 0)
     normaliser = jnp.where(usable, jnp.exp2(-jnp.floor(jnp.log2(jnp.where(usable, amax, 1.0)))), 1.0)
-    error = (rounded - t) * normaliser
-    normalised = t * normaliser
+    # Two opaque copies of the scalar, so that the two sums do not share (and XLA does not
+    # materialise) one full-size broadcast of it.
+    error_normaliser, norm_normaliser = lax.optimization_barrier((normaliser, normaliser))
+    error = (rounded - t) * error_normaliser
+    normalised = t * norm_normaliser
     return jnp.stack([overflow, underflow, nonzero, jnp.float32(t.size),
                       jnp.sum(error * error), jnp.sum(normalised * normalised), amax]).astype(jnp.float32)
