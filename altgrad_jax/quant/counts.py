@@ -22,9 +22,10 @@ from altgrad_jax.quant.rounding import _as_float32, reciprocal
 # (exact up to 2**24 elements), over its own opaque copy of x (optimization_barrier), on |x/scale|
 # times its own power of two, so that neither values nor constants coincide with each other or
 # with a quantize of the same x. A count that max|x| and min|x| settle (two cheap reductions)
-# skips its pass under lax.cond: with delayed or current scaling most operands have no zero,
-# no overflow and no underflow (the small research step: 2-4% faster for the overflow skip,
-# 5-6% more for the other two; benchmarks/README.md).
+# skips its pass under lax.cond, and one cond returns all three when they settle every count:
+# with delayed or current scaling most operands have no zero, no overflow and no underflow.
+# Small research step, A/B rounds (benchmarks/README.md): about 3% faster for the overflow skip,
+# 5% for the other two, 5% for one cond per operand in place of four (conds are not free).
 
 
 def _count_above(magnitude: jax.Array, threshold: float) -> jax.Array:
@@ -38,29 +39,36 @@ def _count_above(magnitude: jax.Array, threshold: float) -> jax.Array:
     return steps * np.float32(1.0 / (float(t_next) - float(t)))
 
 
-def _counts_fast(x: jax.Array, inverse_scale, fmt: FloatFormat):
-    """(overflow, underflow, nonzero) float sums, each skipping its pass over x when max|x| and
-    min|x| already give it (the common case): no zero means nonzero = size, min|x| above the
-    underflow edge means no underflow (rounding is monotone, so no |x * c| is below min|x| * |c|).
-    A count that does run is NaN when x holds an inf or NaN, which sends the caller to the exact
-    recount. An inf keeps max|x| from being finite, so nonzero runs. A NaN that every pass skips
-    (YNNPACK's max and min pass over NaN) changes no count: it is not zero, nor an overflow or
-    underflow (tests/test_quantize.py checks each mix on a tensor that large)."""
-    (x_nonzero, _), (x_over, inv_over), (x_above, inv_above), (x_min, _) = lax.optimization_barrier(
-        ((x, inverse_scale),) * 4
+def _nothing_overflows(amax, inverse_scale, fmt: FloatFormat):
+    """max|x| * |c| within the overflow edge: no |x * c| exceeds it (rounding is monotone)."""
+    return amax * jnp.abs(_times(inverse_scale, 0.5)) <= np.float32(fmt.max_finite / 2)
+
+
+def _nothing_underflows(amax, amin, inverse_scale, fmt: FloatFormat):
+    """min|x| * |c| above the underflow edge, so no x is zero or underflows; max|x| finite."""
+    return jnp.isfinite(amax) & (amin * jnp.abs(_times(inverse_scale, 0.25)) > np.float32(fmt.min_subnormal / 8))
+
+
+def _counts_fast(x: jax.Array, inverse_scale, fmt: FloatFormat, amax, amin):
+    """(overflow, underflow, nonzero) float sums, each skipping its pass over x when amax = max|x|
+    and amin = min|x| already give it: no zero means nonzero = size, no overflow or underflow as
+    above. A count that does run is NaN when x holds an inf or NaN, which sends the caller to the
+    exact recount. An inf keeps amax from being finite, so nonzero runs. A NaN that every pass
+    skips (YNNPACK's max and min pass over NaN) changes no count: it is not zero, nor an
+    overflow or underflow (tests/test_quantize.py checks each mix on a tensor that large)."""
+    (x_nonzero, _), (x_over, inv_over), (x_above, inv_above) = lax.optimization_barrier(
+        ((x, inverse_scale),) * 3
     )
-    amax = jnp.max(jnp.abs(x))  # the amax tensor_stats and current scaling compute (XLA merges them)
-    amin = jnp.min(jnp.abs(x_min))  # its own copy: a shared |x| would be materialised
     size = np.float32(x.size)
-    no_zero = jnp.isfinite(amax) & (amin > 0)
-    nonzero = lax.cond(no_zero, lambda x: size, _count_nonzero, x_nonzero)
+    nonzero = lax.cond(jnp.isfinite(amax) & (amin > 0), lambda x: size, _count_nonzero, x_nonzero)
     # Scaling by 1/2 and 1/4 is exact (it only flushes |x/scale| < 2**-124, far below both).
-    overflow = _count_overflow(x_over, _times(inv_over, 0.5), fmt.max_finite / 2, amax)
+    overflow = lax.cond(
+        _nothing_overflows(amax, inv_over, fmt), lambda x, c: jnp.zeros((), jnp.float32),
+        lambda x, c: _count_above(_magnitude(x, _times(c, 0.5)), fmt.max_finite / 2), x_over, inv_over)
     # Half the smallest subnormal is the tie that rounds to 0, so it still underflows.
-    edge, inv_edge = fmt.min_subnormal / 2 / 4, _times(inv_above, 0.25)
-    all_above = jnp.isfinite(amax) & (amin * jnp.abs(inv_edge) > np.float32(edge))
-    above_edge = lax.cond(all_above, lambda x, c: size,
-                          lambda x, c: _count_above(_magnitude(x, c), edge), x_above, inv_edge)
+    above_edge = lax.cond(
+        _nothing_underflows(amax, amin, inv_above, fmt), lambda x, c: size,
+        lambda x, c: _count_above(_magnitude(x, _times(c, 0.25)), fmt.min_subnormal / 2 / 4), x_above, inv_above)
     return overflow, nonzero - above_edge, nonzero
 
 
@@ -71,17 +79,6 @@ def _count_nonzero(x):
         jnp.minimum(magnitude * np.float32(2.0**127), np.float32(1.0))
         + (magnitude - magnitude)  # NaN for inf and NaN: they take the exact path
     )
-
-
-def _count_overflow(x, inverse_scale, threshold: float, amax):
-    """_count_above(|x * inverse_scale|, threshold), skipping the pass over x when amax = max|x|
-    shows the count is 0, as it is on most steps: no |x * c| exceeds amax * |c|. A NaN amax or
-    scale fails the test and counts."""
-    return lax.cond(
-        amax * jnp.abs(inverse_scale) <= np.float32(threshold),
-        lambda x, inverse_scale: jnp.zeros((), jnp.float32),
-        lambda x, inverse_scale: _count_above(_magnitude(x, inverse_scale), threshold),
-        x, inverse_scale)
 
 
 def _times(inverse_scale, factor: float):
@@ -129,14 +126,19 @@ def quantization_counts(x, fmt: "str | FloatFormat", scale=1.0):
         return zero, zero, zero
     unit_scale = isinstance(scale, (int, float)) and scale == 1
     inverse_scale = None if unit_scale else reciprocal(scale)
-    fast = _counts_fast(x, inverse_scale, fmt)
-    return lax.cond(
-        jnp.isnan(fast[0] + fast[1] + fast[2]),
-        lambda x, inverse_scale: _counts_exact(x, inverse_scale, fmt),
-        lambda x, inverse_scale: fast,
-        x,
-        inverse_scale,
-    )
+    amax = jnp.max(jnp.abs(x))  # the amax tensor_stats and current scaling compute (XLA merges them)
+    amin = jnp.min(jnp.abs(lax.optimization_barrier(x)))  # its own copy: a shared |x| is materialised
+    zero = jnp.zeros((), jnp.float32)
+
+    def count(x, inverse_scale):
+        fast = _counts_fast(x, inverse_scale, fmt, amax, amin)
+        return lax.cond(jnp.isnan(fast[0] + fast[1] + fast[2]),
+                        lambda x, inverse_scale: _counts_exact(x, inverse_scale, fmt),
+                        lambda x, inverse_scale: fast, x, inverse_scale)
+
+    # One cond for the common case where max|x| and min|x| settle all three counts.
+    settled = _nothing_overflows(amax, inverse_scale, fmt) & _nothing_underflows(amax, amin, inverse_scale, fmt)
+    return lax.cond(settled, lambda x, inverse_scale: (zero, zero, np.float32(x.size)), count, x, inverse_scale)
 
 
 STATS = ("overflow", "underflow", "nonzero", "elements", "err_sq", "norm_sq", "amax")
