@@ -2,8 +2,8 @@
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (issue 14).
 
 XLA:CPU allocates each execution's temp buffer (148 MiB for the small model of
-benchmarks/bench_vs_torch.py, 299 MiB for its research step) with malloc and frees it when the
-step ends. glibc serves such a block with a fresh mmap and returns it with munmap, so every step
+benchmarks/bench_vs_torch.py when this was measured, 239 MiB now for its research step) with
+malloc and frees it when the step ends. glibc serves such a block with a fresh mmap and returns it with munmap, so every step
 faults the whole buffer in again, 4 KiB at a time: 38 000 minor faults and 0.08-0.15 s of kernel
 CPU time per small plain step (0.11-0.21 s of wall time) on the 2-core machine. With the
 tunable, glibc asks for transparent huge pages on those mappings (madvise), and the same buffer
@@ -16,6 +16,9 @@ a value, not the allocator's arenas. Without effect, so skipped, where the kerne
 transparent huge pages (`never`) or the C library is not glibc. A `glibc.malloc.hugetlb` already
 in GLIBC_TUNABLES is kept as the user set it; `ALTGRAD_HUGEPAGES=0` turns the restart off. A
 program that imports the package gets none of this: start it with the variable set instead.
+The buffer is still mapped afresh each step; on a VM that hands freed memory back to its host,
+the first step after a pause faults it in from the host (benchmarks/README.md, "The first step
+after a pause"), which no tunable of glibc's avoids for blocks this large.
 
 Tried instead and dropped: mallopt at import (one arena, no mmap, no trim) removed every fault
 but made compiles about 25 % slower and the default `make run` no faster (51-53 s against 47-53 s

@@ -15,11 +15,11 @@ and prints its ratio to PyTorch's plain step. The PyTorch research bench of issu
 repository; it took 3.2-3.6x its own plain step, so research speed-up = 3.2..3.6 / that ratio.
 
 Each side's round starts with `--settle` untimed steps (default 1), timed apart as
-`first_step_ms` (their mean per step, median over rounds): a side waits idle while the others run their rounds, and a training loop runs
-its steps back to back. On a VM whose balloon driver hands freed memory back to the host (virtio
-free page reporting), the first step after a pause refaults XLA's per-step temp buffer from the
-host (benchmarks/README.md, "The first step after a pause"), which a back-to-back loop pays
-only after its own pauses (evaluation, checkpoints).
+`first_step_ms` (their mean per step, median over rounds): a side waits idle while the others
+run their rounds, and a training loop runs its steps back to back. On a VM whose balloon driver
+hands freed memory back to the host (virtio free page reporting), the first step after a pause
+refaults XLA's per-step temp buffer from the host (benchmarks/README.md, "The first step after
+a pause"), which a back-to-back loop pays only after its own pauses (evaluation, checkpoints).
 """
 
 import argparse
